@@ -1,0 +1,193 @@
+"""The app factory both services use: lifespan (load the model in a thread, then serve), health, info, errors,
+request ids, per-request log lines and the optional API key.
+
+A service plugs in a ``load_service`` callable (runs in a thread, returns an object with the ``EmbeddingService``
+shape) and an ``APIRouter`` with its routes. Routes reach the loaded service through ``ready_service(request)``,
+which answers 503 while the model is still loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Literal, Protocol
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from common.config import ServiceSettings
+from common.errors import NotReady, Unauthorized, install_error_handlers
+from common.responses import FastJSONResponse
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("embed.access")
+
+SERVICE_VERSION = "0.1.0"
+
+
+class EmbeddingService(Protocol):
+    """What the factory needs from a loaded service."""
+
+    model_name: str
+    dimension: int
+    version: str
+    device: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+class Runtime:
+    """The app's mutable state: loading -> ok (or unhealthy), and the loaded service."""
+
+    def __init__(self, settings: ServiceSettings, load_service: Callable[[], EmbeddingService]) -> None:
+        self.settings = settings
+        self._load_service = load_service
+        self.status: Literal["loading", "ok", "unhealthy"] = "loading"
+        self.service: EmbeddingService | None = None
+        self.load_seconds: float | None = None
+        # Called when loading fails; main() uses it to stop the server with a non-zero exit.
+        self.on_load_failure: Callable[[], None] | None = None
+
+    async def load(self) -> None:
+        started = time.perf_counter()
+        try:
+            service = await asyncio.to_thread(self._load_service)
+            await service.start()
+        except Exception:
+            logger.exception("loading the model failed")
+            self.status = "unhealthy"
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+            return
+        self.load_seconds = time.perf_counter() - started
+        self.service = service
+        self.status = "ok"
+        logger.info(
+            "ready: model %s (dimension %d) on %s, loaded in %.1f s",
+            service.model_name,
+            service.dimension,
+            service.device,
+            self.load_seconds,
+        )
+
+
+def ready_service(request: Request) -> Any:
+    """The loaded service, or 503 while loading. Typed ``Any`` so each service's routes can annotate their own class."""
+    runtime: Runtime = request.app.state.runtime
+    if runtime.service is None or runtime.status != "ok":
+        raise NotReady(f"model is {runtime.status}; retry when GET /health answers 200", headers={"Retry-After": "5"})
+    return runtime.service
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer token check when EMBED_API_KEY is set; constant-time compare."""
+    expected = request.app.state.runtime.settings.api_key
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), expected.get_secret_value().encode()
+    ):
+        raise Unauthorized(
+            "missing or wrong API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def create_app(
+    *,
+    title: str,
+    settings: ServiceSettings,
+    load_service: Callable[[], EmbeddingService],
+    router: APIRouter,
+) -> FastAPI:
+    runtime = Runtime(settings, load_service)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Serve /health ("loading") at once; the model loads in the background.
+        loading = asyncio.create_task(runtime.load(), name="load-model")
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            if runtime.service is not None:
+                await runtime.service.stop()
+
+    app = FastAPI(title=title, version=SERVICE_VERSION, lifespan=lifespan, default_response_class=FastJSONResponse)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def request_id_and_access_log(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        client_id = request.headers.get("x-request-id", "")
+        # Accept a client's id only if it is short and printable (it goes into logs and headers).
+        request.state.request_id = (
+            client_id if 0 < len(client_id) <= 128 and client_id.isprintable() else uuid.uuid4().hex
+        )
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request.state.request_id
+        access_logger.info(
+            "%s %s %d items=%s %.1fms id=%s",
+            request.method,
+            request.url.path,
+            response.status_code,
+            getattr(request.state, "items", "-"),
+            (time.perf_counter() - started) * 1000,
+            request.state.request_id,
+        )
+        return response
+
+    @app.get("/health", tags=["service"])
+    async def health() -> JSONResponse:
+        """200 only when a request would be served; 503 "loading" or "unhealthy" otherwise. Never needs a key."""
+        service = runtime.service
+        if runtime.status != "ok" or service is None:
+            return JSONResponse({"status": runtime.status}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": service.model_name,
+                "version": service.version,
+                "dimension": service.dimension,
+                "device": service.device,
+            }
+        )
+
+    @app.get("/info", tags=["service"], dependencies=[Depends(require_api_key)])
+    async def info() -> dict[str, Any]:
+        """Model, dimension, device, dtype, batching and limits, the embedding recipe, versions."""
+        body: dict[str, Any] = {"status": runtime.status, "service_version": SERVICE_VERSION}
+        if runtime.service is not None:
+            body.update(runtime.service.info())
+            body["load_seconds"] = round(runtime.load_seconds or 0.0, 3)
+        body["batching"] = {
+            "max_batch_size": settings.max_batch_size,
+            "max_batch_wait_ms": settings.max_batch_wait_ms,
+        }
+        body["limits"] = limits_of(settings)
+        return body
+
+    app.include_router(router, dependencies=[Depends(require_api_key)])
+    return app
+
+
+def limits_of(settings: ServiceSettings) -> dict[str, Any]:
+    """Every max_* setting, as /info reports them."""
+    return {
+        name: value for name, value in settings.model_dump().items() if name.startswith("max_") and "batch" not in name
+    }

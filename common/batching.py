@@ -1,0 +1,115 @@
+"""A micro-batcher: items from many concurrent requests share one forward pass.
+
+Callers ``await batcher.submit(items)``; a loop gathers queued items until ``max_batch_size`` of them are waiting or
+``max_wait_s`` has passed since the first, then runs ``run_batch`` on one worker thread (the model's only one) and
+hands each caller back exactly its own rows, in order. A batch that raises is split in halves and retried, so a
+bad item (or a batch too big for GPU memory) fails only the requests it belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Generic, TypeVar
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class MicroBatcher(Generic[In, Out]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[In]], Sequence[Out] | np.ndarray],
+        *,
+        executor: Executor,
+        max_batch_size: int,
+        max_wait_s: float,
+        name: str = "batch",
+    ) -> None:
+        self._run_batch = run_batch
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.name = name
+        self._queue: asyncio.Queue[tuple[In, asyncio.Future[Out]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while not self._queue.empty():  # nobody will run these any more
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(RuntimeError("service is shutting down"))
+
+    async def submit(self, items: Sequence[In]) -> list[Out]:
+        """Queue every item, wait for all of them; results come back in the order of ``items``."""
+        if self._task is None:
+            raise RuntimeError(f"batcher {self.name} is not running")
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Out]] = []
+        for item in items:
+            future: asyncio.Future[Out] = loop.create_future()
+            self._queue.put_nowait((item, future))
+            futures.append(future)
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            for future in futures:  # a failed sibling or a gone client: drop our remaining rows
+                future.cancel()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                if self._queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except TimeoutError:
+                        break
+                else:
+                    batch.append(self._queue.get_nowait())
+            await self._run(batch)
+
+    async def _run(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
+        batch = [(item, future) for item, future in batch if not future.done()]  # skip cancelled callers
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_batch, [item for item, _ in batch])
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(outputs)} rows for {len(batch)} items")
+        except Exception as exc:  # noqa: BLE001 - any failure is split and handed to the callers it belongs to
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(exc)
+                return
+            logger.warning("%s batch of %d failed (%s); retrying in halves", self.name, len(batch), exc)
+            half = len(batch) // 2
+            await self._run(batch[:half])
+            await self._run(batch[half:])
+            return
+        for (_, future), output in zip(batch, outputs, strict=True):
+            if not future.done():
+                future.set_result(output)

@@ -1,0 +1,116 @@
+"""Typed settings: one object per service, from command-line flags, then environment variables, then defaults.
+
+Each service's own knobs read ``<SERVICE>_NAME`` (``SIGLIP2_MODEL``, ``QWEN3_LAYER``); every knob can also be given
+for both services at once as ``EMBED_NAME`` (``EMBED_HOST``, ``EMBED_MAX_BATCH_SIZE``); the service prefix wins.
+``FORCE_CPU=1`` is read as it is (the German seed's name).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import ClassVar, Literal, TypeVar
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+logger = logging.getLogger(__name__)
+
+Device = Literal["auto", "cuda", "cpu", "mps"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+MB = 1024 * 1024
+
+
+class ServiceSettings(BaseSettings):
+    """Settings both services have. Subclasses add ``model``, ``port`` and model-specific options."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMBED_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+    # Prefix of the service's own environment variables, e.g. "SIGLIP2_".
+    service_env_prefix: ClassVar[str] = ""
+
+    model: str = Field(description="model folder or hub id")
+    port: int = Field(ge=1, le=65535, description="TCP port")
+    host: str = Field("127.0.0.1", description="bind address; anything but loopback should set an API key")
+    device: Device = Field("auto", description="auto picks cuda, then mps, then cpu")
+    dtype: DType = Field("auto", description="auto: bfloat16 on CUDA, float32 elsewhere")
+    force_cpu: bool = Field(
+        False,
+        validation_alias=AliasChoices("force_cpu"),
+        description="FORCE_CPU=1 forces the CPU whatever --device says",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="if set, every route but /health needs 'Authorization: Bearer KEY'"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    # Batching: requests from many clients share one forward pass.
+    max_batch_size: int = Field(32, ge=1, description="items per forward pass")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more items to arrive")
+
+    # Limits, enforced before any heavy work.
+    max_items_per_request: int = Field(256, ge=1, description="images or texts in one request")
+    max_text_chars: int = Field(20_000, ge=1, description="characters in one text")
+
+    def cli_name(self) -> str:
+        return self.service_env_prefix.rstrip("_").lower()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (the CLI, when parsed by load_settings) > SERVICE_* > EMBED_* > defaults
+        service_env = EnvSettingsSource(settings_cls, env_prefix=cls.service_env_prefix)
+        return (init_settings, service_env, env_settings)
+
+
+class ImageLimits(BaseSettings):
+    """Mixin for services that take images."""
+
+    max_image_bytes: int = Field(50 * MB, ge=1, description="bytes of one encoded image")
+    max_image_pixels: int = Field(
+        200_000_000, ge=1, description="pixels of one image (decompression-bomb guard; admits 100+ MP panoramas)"
+    )
+    max_body_bytes: int = Field(256 * MB, ge=1, description="bytes of one request body")
+    jpeg_draft: bool = Field(True, description="decode large JPEGs at reduced scale (at least 2x the model input)")
+    decode_threads: int = Field(0, ge=0, description="image decoding threads; 0 = one per CPU core")
+
+
+def limit_hint(name: str, value: int) -> str:
+    """ "max_text_chars=20000 (raise it with --max-text-chars or EMBED_MAX_TEXT_CHARS)" for error messages."""
+    return f"{name}={value} (raise it with --{name.replace('_', '-')} or EMBED_{name.upper()})"
+
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+def default_model(local_path: str, hub_id: str) -> str:
+    """The seed's local folder when it exists, otherwise the hub id."""
+    return local_path if Path(local_path).is_dir() else hub_id
+
+
+def load_settings(settings_cls: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
+    """Parse flags and environment; print a short message and exit 2 on a bad value (no traceback)."""
+    try:
+        return CliApp.run(settings_cls, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        sys.stderr.write(f"error: invalid setting: {problems}\n")
+        raise SystemExit(2) from None

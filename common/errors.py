@@ -1,0 +1,122 @@
+"""Domain errors and the one handler that renders them.
+
+Every error leaves the service as ``{"error": {"message", "type", "code"}}`` (OpenAI's envelope). Deep modules raise
+the ``EmbedError`` subclasses below; they never raise ``HTTPException``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class EmbedError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers
+
+
+class InvalidInput(EmbedError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_input"
+
+
+class InvalidImage(InvalidInput):
+    code = "invalid_image"
+
+
+class UnsupportedImage(InvalidInput):
+    code = "unsupported_image"
+
+
+class InvalidRequestBody(EmbedError):
+    """The body does not match the route's schema (wrong types, missing fields, invalid JSON)."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class PayloadTooLarge(EmbedError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    code = "image_too_large"
+
+
+class TooManyItems(PayloadTooLarge):
+    code = "too_many_items"
+
+
+class Unauthorized(EmbedError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotReady(EmbedError):
+    status = 503
+    type = "server_error"
+    code = "not_ready"
+
+
+def error_body(message: str, type_: str, code: str) -> dict[str, dict[str, str]]:
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
+def _response(
+    request: Request, status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    response = JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
+    request_id = getattr(request.state, "request_id", None)
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+    request.state.error_code = code
+    return response
+
+
+def _describe_validation_error(exc: RequestValidationError) -> str:
+    # loc + msg only: pydantic's "input" would echo the client's (possibly huge) payload back.
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EmbedError)
+    async def _embed_error(request: Request, exc: EmbedError) -> JSONResponse:
+        return _response(request, exc.status, exc.message, exc.type, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _response(request, 422, _describe_validation_error(exc), "invalid_request_error", "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _response(request, exc.status_code, str(exc.detail), type_, code, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", "-")
+        logger.exception("unexpected error (request id %s)", request_id)
+        message = f"internal error; see the server log for request id {request_id}"
+        return _response(request, 500, message, "server_error", "internal_error")

@@ -1,0 +1,75 @@
+"""The micro-batcher with plain functions: merging, order, isolation of failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from common.batching import MicroBatcher
+
+
+class Recorder:
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_on = fail_on
+        self.threads: set[str] = set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.threads.add(threading.current_thread().name)
+        if self.fail_on in items:
+            raise ValueError(f"bad item {self.fail_on}")
+        return [item * 10 for item in items]
+
+
+async def _run(
+    recorder: Recorder, requests: list[list[int]], max_batch_size: int = 64, wait: float = 0.02
+) -> list[object]:
+    with ThreadPoolExecutor(1, thread_name_prefix="model") as executor:
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            recorder, executor=executor, max_batch_size=max_batch_size, max_wait_s=wait
+        )
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(items) for items in requests), return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+
+def test_concurrent_requests_share_a_batch_and_keep_order() -> None:
+    recorder = Recorder()
+    requests = [[i * 3, i * 3 + 1, i * 3 + 2] for i in range(10)]
+    results = asyncio.run(_run(recorder, requests))
+    assert results == [[x * 10 for x in items] for items in requests]
+    assert len(recorder.batches) == 1 and len(recorder.batches[0]) == 30
+    assert recorder.threads == {"model_0"}
+
+
+def test_max_batch_size_splits_large_requests() -> None:
+    recorder = Recorder()
+    results = asyncio.run(_run(recorder, [list(range(25))], max_batch_size=8))
+    assert results == [[x * 10 for x in range(25)]]
+    assert [len(batch) for batch in recorder.batches] == [8, 8, 8, 1]
+
+
+def test_failing_item_fails_only_its_request() -> None:
+    recorder = Recorder(fail_on=13)
+    requests = [[1, 2], [13], [4, 5, 6], [7]]
+    results = asyncio.run(_run(recorder, requests))
+    assert results[0] == [10, 20] and results[2] == [40, 50, 60] and results[3] == [70]
+    assert isinstance(results[1], ValueError)
+
+
+def test_submit_without_start_is_an_error() -> None:
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            batcher: MicroBatcher[int, int] = MicroBatcher(
+                lambda x: x, executor=executor, max_batch_size=4, max_wait_s=0
+            )
+            await batcher.submit([1])
+
+    with pytest.raises(RuntimeError, match="not running"):
+        asyncio.run(scenario())

@@ -1,0 +1,52 @@
+"""Settings come from flags, then SERVICE_* variables, then EMBED_* variables, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import load_settings
+from common.device import pick_device, pick_dtype
+from siglip2_embed import HUB_ID, Siglip2Settings, main
+
+
+def test_flags_beat_service_env_beats_shared_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGLIP2_PORT", "7001")
+    monkeypatch.setenv("EMBED_MAX_BATCH_SIZE", "5")
+    monkeypatch.setenv("SIGLIP2_MAX_BATCH_SIZE", "6")
+    monkeypatch.setenv("EMBED_HOST", "0.0.0.0")
+    monkeypatch.setenv("PORT", "1")  # a generic PORT from the environment must not leak in
+    settings = load_settings(Siglip2Settings, ["--model", "/models/x", "--device", "cpu", "--dtype", "float32"])
+    assert (settings.model, settings.port, settings.max_batch_size, settings.host) == ("/models/x", 7001, 6, "0.0.0.0")
+    assert load_settings(Siglip2Settings, ["--port", "7002"]).port == 7002
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(Siglip2Settings, [])
+    assert settings.port == 6010 and settings.host == "127.0.0.1" and settings.model == HUB_ID
+    assert settings.api_key is None and settings.device == "auto"
+
+
+def test_force_cpu_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORCE_CPU", "1")
+    settings = load_settings(Siglip2Settings, ["--device", "auto"])
+    assert settings.force_cpu and pick_device(settings) == torch.device("cpu")
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert pick_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_bad_value_is_a_short_message(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings(Siglip2Settings, ["--device", "gpu"])
+    assert exit_info.value.code == 2
+    assert "device" in capsys.readouterr().err
+
+
+def test_missing_model_explains_how_to_download(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", str(tmp_path / "nowhere")]) == 1
+    message = capsys.readouterr().err
+    assert "nowhere" in message and "huggingface-cli download google/siglip2-so400m-patch16-512" in message
+    assert "modelscope download" in message and "Traceback" not in message
