@@ -31,7 +31,8 @@ from common.images import ImageSpec, decode_base64_image, prepare_image
 from common.logs import configure_logging
 from common.model_source import ModelNotFound, display_name, resolve_model_source
 from common.responses import FastJSONResponse
-from common.schemas import Body, EmbeddingResponse, EmbeddingsResponse, EmbedTextRequest, EmbedTextsRequest
+from common.routes import add_text_routes, embedding_reply
+from common.schemas import Body, EmbeddingResponse, EmbeddingsResponse
 from common.server import serve
 from common.service import BatchedService, stack_rows
 
@@ -197,6 +198,7 @@ class Siglip2Service(BatchedService):
 
 router = APIRouter()
 Service = Depends(ready_service)
+add_text_routes(router, "SigLIP text tower, same space as the images:")
 
 
 class EmbedImageBase64Request(Body):
@@ -205,14 +207,6 @@ class EmbedImageBase64Request(Body):
 
 class EmbedImagesBase64Request(Body):
     images_base64: list[str] = Field(min_length=1)
-
-
-def _reply(service: Siglip2Service, request: Request, vectors: np.ndarray, single: bool) -> FastJSONResponse:
-    request.state.items = len(vectors)
-    key, value = ("embedding", vectors[0]) if single else ("embeddings", vectors)
-    return FastJSONResponse(
-        {key: value, "dimension": service.dimension, "model": service.model_name, "version": service.version}
-    )
 
 
 async def _read_uploads(files: Sequence[StarletteUploadFile], service: Siglip2Service) -> list[bytes]:
@@ -229,7 +223,7 @@ async def embed_image(
 ) -> FastJSONResponse:
     """One image as multipart ``file`` -> ``embedding``."""
     vectors = await service.embed_images([await file.read()], normalize)
-    return _reply(service, request, vectors, single=True)
+    return embedding_reply(service, request, vectors, single=True)
 
 
 @router.post("/embed/image/base64", response_model=EmbeddingResponse, tags=["images"])
@@ -239,7 +233,7 @@ async def embed_image_base64(
     """``{"image_base64": "..."}`` (raw base64 or data URI) -> ``embedding``."""
     data = decode_base64_image(body.image_base64, service.settings.max_image_bytes)
     vectors = await service.embed_images([data], body.normalize)
-    return _reply(service, request, vectors, single=True)
+    return embedding_reply(service, request, vectors, single=True)
 
 
 _IMAGES_BODY_DOC: dict[str, Any] = {
@@ -288,7 +282,7 @@ async def embed_images(request: Request, service: Siglip2Service = Service) -> F
         datas = [decode_base64_image(text, limit) for text in body.images_base64]
         normalize = body.normalize
     vectors = await service.embed_images(datas, normalize)
-    return _reply(service, request, vectors, single=False)
+    return embedding_reply(service, request, vectors, single=False)
 
 
 def _form_bool(value: object, default: bool) -> bool:
@@ -300,21 +294,6 @@ def _form_bool(value: object, default: bool) -> bool:
     if text in ("false", "0", "no", "off"):
         return False
     raise InvalidRequestBody(f"normalize: expected true or false, got {text[:20]!r}")
-
-
-@router.post("/embed/text", response_model=EmbeddingResponse | EmbeddingsResponse, tags=["texts"])
-async def embed_text(request: Request, body: EmbedTextRequest, service: Siglip2Service = Service) -> FastJSONResponse:
-    """SigLIP text tower, same space as the images: ``{"text"}`` -> ``embedding``, ``{"texts"}`` -> ``embeddings``."""
-    texts = [body.text] if body.text is not None else body.texts or []
-    vectors = await service.embed_texts(texts, body.normalize)
-    return _reply(service, request, vectors, single=body.text is not None)
-
-
-@router.post("/embed/texts", response_model=EmbeddingsResponse, tags=["texts"])
-async def embed_texts(request: Request, body: EmbedTextsRequest, service: Siglip2Service = Service) -> FastJSONResponse:
-    """``{"texts": [...]}`` -> ``embeddings``."""
-    vectors = await service.embed_texts(body.texts, body.normalize)
-    return _reply(service, request, vectors, single=False)
 
 
 def _parse_texts(values: Sequence[str]) -> list[str]:

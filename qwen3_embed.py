@@ -1,0 +1,283 @@
+"""Text embeddings from Qwen3: by default the penultimate layer of Z-Image-Turbo's Qwen3-4B text encoder, 2560-d,
+port 6011.
+
+    python qwen3_embed.py [--model PATH_OR_ID] [--port 6011] [--layer -2] [--pooling mean] [--template zimage]
+
+The default vector is the one Z-Image conditions on: the prompt in Qwen3's chat template, at most 512 tokens,
+hidden_states[-2] (output of layer 35 of 36, before the final norm), averaged over all real tokens, L2-normalised.
+With ``--layer -1 --pooling last --template none`` the same service serves Qwen3-Embedding models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from fastapi import APIRouter, FastAPI
+from pydantic import Field
+
+from common.app import create_app
+from common.batching import MicroBatcher
+from common.config import ServiceSettings, default_model, load_settings
+from common.device import describe_device, pick_device, pick_dtype
+from common.logs import configure_logging
+from common.model_source import ModelNotFound, display_name, resolve_model_source
+from common.routes import add_text_routes
+from common.server import serve
+from common.service import BatchedService, stack_rows
+
+logger = logging.getLogger("qwen3")
+
+HUB_ID = "Tongyi-MAI/Z-Image-Turbo"
+LOCAL_PATH = "/mnt/hdd/models/Z-Image-Turbo"
+# Names the embedding space of the default recipe; other options append themselves (see embedding_version).
+EMBEDDING_VERSION = "1.0"
+DOWNLOAD_HELP = (
+    f"    huggingface-cli download {HUB_ID} --include 'text_encoder/*' 'tokenizer/*' model_index.json "
+    f"--local-dir {LOCAL_PATH}\n"
+    f"    # or: modelscope download {HUB_ID} --local_dir {LOCAL_PATH}"
+)
+
+Pooling = Literal["mean", "last"]
+Template = Literal["zimage", "none"]
+
+
+class Qwen3Settings(ServiceSettings):
+    service_env_prefix: ClassVar[str] = "QWEN3_"
+
+    model: str = Field(
+        default_factory=lambda: default_model(LOCAL_PATH, HUB_ID),
+        description="Z-Image-Turbo folder (text_encoder/ + tokenizer/), a plain Qwen3 folder, or a hub id",
+    )
+    port: int = Field(6011, ge=1, le=65535, description="TCP port")
+    layer: int = Field(-2, description="hidden_states index: -2 = penultimate layer (Z-Image), -1 = final output")
+    pooling: Pooling = Field("mean", description="mean over real tokens, or the last real token")
+    template: Template = Field("zimage", description="zimage: Qwen3 chat template as Z-Image uses it; none: raw text")
+    max_length: int = Field(512, ge=1, description="tokens per text; longer texts are truncated (Z-Image uses 512)")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="padded tokens per forward pass; a batch of long texts is split to stay under it"
+    )
+
+
+def embedding_version(settings: Qwen3Settings) -> str:
+    """ "1.0" for the default recipe; any option that changes the numbers is appended."""
+    defaults = {"layer": -2, "pooling": "mean", "template": "zimage", "max_length": 512}
+    changed = [
+        f"{name}={getattr(settings, name)}" for name, value in defaults.items() if getattr(settings, name) != value
+    ]
+    return EMBEDDING_VERSION + ("+" + ",".join(changed) if changed else "")
+
+
+def _is_zimage_layout(source: str) -> bool:
+    root = Path(source)
+    return (root / "text_encoder").is_dir() or (root / "model_index.json").is_file()
+
+
+class Qwen3Encoder:
+    """A Qwen3 text encoder with a pure batch method; no HTTP, no asyncio.
+
+    Only the layers up to the requested hidden state are kept: for layer -2 the last decoder layer and the final
+    norm are dropped, which gives the same numbers as ``output_hidden_states=True`` + ``hidden_states[-2]`` for
+    less work and memory.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        layer: int = -2,
+        pooling: Pooling = "mean",
+        template: Template = "zimage",
+        max_length: int = 512,
+        max_batch_tokens: int = 16384,
+    ) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.zimage_layout = _is_zimage_layout(source)
+        model_dir = {"subfolder": "text_encoder"} if self.zimage_layout else {}
+        tokenizer_dir = {"subfolder": "tokenizer"} if self.zimage_layout else {}
+        config = AutoConfig.from_pretrained(source, **model_dir)
+        if config.model_type != "qwen3":
+            raise ValueError(f"{source} holds a {config.model_type!r} model; this service needs a Qwen3 text model")
+        self.num_layers: int = config.num_hidden_layers
+        if not -(self.num_layers + 1) <= layer <= self.num_layers:
+            raise ValueError(
+                f"--layer {layer} is out of range: {self.num_layers} layers give {self.num_layers + 1} hidden states"
+            )
+        # hidden_states[i]: 0 = token embeddings, i = output of decoder layer i; the last one has the final norm.
+        self.hidden_index = layer % (self.num_layers + 1)
+        self.device = device
+        self.dtype = dtype
+        self.pooling = pooling
+        self.template = template
+        self.max_length = max_length
+        self.max_batch_tokens = max_batch_tokens
+
+        model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **model_dir)
+        if self.hidden_index < self.num_layers:
+            # Dead layers: nothing after hidden_states[hidden_index] contributes to the vector.
+            model.layers = model.layers[: self.hidden_index]
+            model.norm = torch.nn.Identity()
+        self.model = model.to(device).eval()
+        self.dimension: int = config.hidden_size
+        self.tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_dir)
+        # Right padding keeps every real token at the same position as when the text is alone.
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def format(self, text: str) -> str:
+        if self.template == "none":
+            return text
+        # Exactly what Z-Image feeds its text encoder: <|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n
+        prompt = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        return str(prompt)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, truncated at max_length, unpadded."""
+        encoded = self.tokenizer([self.format(text) for text in texts], truncation=True, max_length=self.max_length)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def _chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:
+        """Consecutive runs of the length-sorted texts whose padded size stays under max_batch_tokens."""
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        for index in order:  # longest first, so the first item of a chunk sets its padded length
+            if current and (len(current) + 1) * lengths[current[0]] > self.max_batch_tokens:
+                chunks.append(current)
+                current = []
+            current.append(index)
+        if current:
+            chunks.append(current)
+        return chunks
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> raw (unnormalised) pooled vectors, float32, in input order."""
+        token_ids = self.tokenize(texts)
+        lengths = [len(ids) for ids in token_ids]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for chunk in self._chunks(order, lengths):
+            # Pad to the longest text of the chunk, not to max_length: same numbers, far less work.
+            padded = self.tokenizer.pad({"input_ids": [token_ids[i] for i in chunk]}, return_tensors="pt")
+            input_ids = padded["input_ids"].to(self.device)
+            mask = padded["attention_mask"].to(self.device)
+            hidden = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+            vectors[chunk] = self._pool(hidden.float(), mask).cpu().numpy()
+        return vectors
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "last":
+            last = mask.sum(dim=1) - 1  # right padding: the last real token
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+class Qwen3Service(BatchedService):
+    """The loaded model behind the routes: one text batcher feeding the model's worker thread."""
+
+    def __init__(self, settings: Qwen3Settings, encoder: Qwen3Encoder, device_label: str) -> None:
+        super().__init__(settings)
+        self.settings: Qwen3Settings = settings
+        self.encoder = encoder
+        self.model_name = model_name(settings.model, encoder)
+        self.dimension = encoder.dimension
+        self.version = embedding_version(settings)
+        self.device = device_label
+        self.text_batcher: MicroBatcher[str, np.ndarray] = self.make_batcher(encoder.embed_texts, "texts")
+
+    async def embed_texts(self, texts: Sequence[str], normalize: bool) -> np.ndarray:
+        self.check_texts(texts)
+        return stack_rows(await self.text_batcher.submit(list(texts)), normalize)
+
+    def info(self) -> dict[str, Any]:
+        encoder = self.encoder
+        return {
+            "model": self.model_name,
+            "model_path": self.settings.model,
+            "layout": "z-image (text_encoder/ + tokenizer/)" if encoder.zimage_layout else "plain",
+            "dimension": self.dimension,
+            "version": self.version,
+            "device": self.device,
+            "dtype": str(encoder.dtype).removeprefix("torch."),
+            "recipe": {
+                "template": encoder.template,
+                "layer": self.settings.layer,
+                "hidden_states_index": encoder.hidden_index,
+                "layers_run": encoder.hidden_index,
+                "num_layers": encoder.num_layers,
+                "pooling": encoder.pooling,
+                "max_length": encoder.max_length,
+                "truncation": f"texts longer than {encoder.max_length} tokens (after the template) are truncated",
+                "normalize_default": True,
+            },
+            "max_batch_tokens": encoder.max_batch_tokens,
+        }
+
+
+def model_name(source: str, encoder: Qwen3Encoder) -> str:
+    """ "Qwen3-4B" for Z-Image-Turbo's encoder (the seed's name), else the folder or hub name."""
+    if encoder.zimage_layout:
+        if (encoder.dimension, encoder.num_layers) == (2560, 36):
+            return "Qwen3-4B"
+        return f"{display_name(source)}-text-encoder"
+    return display_name(source)
+
+
+router = APIRouter()
+add_text_routes(router, "Qwen3 hidden-state embedding:")
+
+
+def load_service(settings: Qwen3Settings) -> Qwen3Service:
+    """Resolve, load and warm up the model (runs in a thread at start-up)."""
+    source = resolve_model_source(settings.model, download_help=DOWNLOAD_HELP)
+    device = pick_device(settings)
+    dtype = pick_dtype(settings.dtype, device)
+    logger.info("loading %s on %s as %s", source, describe_device(device), dtype)
+    encoder = Qwen3Encoder(
+        source,
+        device,
+        dtype,
+        layer=settings.layer,
+        pooling=settings.pooling,
+        template=settings.template,
+        max_length=settings.max_length,
+        max_batch_tokens=settings.max_batch_tokens,
+    )
+    encoder.embed_texts(["warm-up"])
+    return Qwen3Service(settings, encoder, describe_device(device))
+
+
+def build_app(settings: Qwen3Settings, load: Callable[[], Qwen3Service] | None = None) -> FastAPI:
+    """The FastAPI app; ``load`` replaces model loading in tests."""
+    return create_app(
+        title="Qwen3 text embeddings",
+        settings=settings,
+        load_service=load or (lambda: load_service(settings)),
+        router=router,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(Qwen3Settings, argv)
+    configure_logging(settings.log_level)
+    try:
+        resolve_model_source(settings.model, download_help=DOWNLOAD_HELP)
+    except ModelNotFound as exc:
+        logger.error("%s", exc)
+        return 1
+    return serve(build_app(settings), settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
