@@ -10,6 +10,7 @@ With ``--layer -1 --pooling last --template none`` the same service serves Qwen3
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from common.config import ServiceSettings, default_model, load_settings
 from common.device import describe_device, pick_device, pick_dtype
 from common.logs import configure_logging
 from common.model_source import ModelNotFound, display_name, resolve_model_source
+from common.openai_api import add_openai_route
 from common.routes import add_text_routes
 from common.server import serve
 from common.service import BatchedService, stack_rows
@@ -146,6 +148,10 @@ class Qwen3Encoder:
         encoded = self.tokenizer([self.format(text) for text in texts], truncation=True, max_length=self.max_length)
         return [list(ids) for ids in encoded["input_ids"]]
 
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens the model reads (template included), for the OpenAI route's usage."""
+        return sum(len(ids) for ids in self.tokenize(texts))
+
     def _chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:
         """Consecutive runs of the length-sorted texts whose padded size stays under max_batch_tokens."""
         chunks: list[list[int]] = []
@@ -200,6 +206,13 @@ class Qwen3Service(BatchedService):
         self.check_texts(texts)
         return stack_rows(await self.text_batcher.submit(list(texts)), normalize)
 
+    async def embed_inputs(self, inputs: Sequence[str], normalize: bool) -> tuple[np.ndarray, int]:
+        """The OpenAI route: vectors and the number of tokens read."""
+        vectors, tokens = await asyncio.gather(
+            self.embed_texts(inputs, normalize), asyncio.to_thread(self.encoder.count_tokens, inputs)
+        )
+        return vectors, tokens
+
     def info(self) -> dict[str, Any]:
         encoder = self.encoder
         return {
@@ -236,6 +249,7 @@ def model_name(source: str, encoder: Qwen3Encoder) -> str:
 
 router = APIRouter()
 add_text_routes(router, "Qwen3 hidden-state embedding:")
+add_openai_route(router)
 
 
 def load_service(settings: Qwen3Settings) -> Qwen3Service:

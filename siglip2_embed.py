@@ -27,9 +27,10 @@ from common.batching import MicroBatcher
 from common.config import ImageLimits, ServiceSettings, default_model, limit_hint, load_settings
 from common.device import describe_device, pick_device, pick_dtype
 from common.errors import ImageTooLarge, InvalidRequestBody
-from common.images import ImageSpec, decode_base64_image, prepare_image
+from common.images import ImageSpec, decode_base64_image, is_image_data_uri, prepare_image
 from common.logs import configure_logging
 from common.model_source import ModelNotFound, display_name, resolve_model_source
+from common.openai_api import add_openai_route
 from common.responses import FastJSONResponse
 from common.routes import add_text_routes, embedding_reply
 from common.schemas import Body, EmbeddingResponse, EmbeddingsResponse
@@ -119,6 +120,11 @@ class Siglip2Encoder:
         )
         return encoded["input_ids"]
 
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Real (non-padding) tokens the text tower reads, for the OpenAI route's usage."""
+        encoded = self.tokenizer([text.lower() for text in texts], truncation=True, max_length=self.text_length)
+        return sum(len(ids) for ids in encoded["input_ids"])
+
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> raw text vectors in the image space, float32."""
@@ -167,6 +173,23 @@ class Siglip2Service(BatchedService):
         self.check_texts(texts)
         return stack_rows(await self.text_batcher.submit(list(texts)), normalize)
 
+    async def embed_inputs(self, inputs: Sequence[str], normalize: bool) -> tuple[np.ndarray, int]:
+        """The OpenAI route's inputs: data:image/... URIs are images, everything else is SigLIP text."""
+        self.check_count(len(inputs), "inputs")
+        image_rows = [i for i, text in enumerate(inputs) if is_image_data_uri(text)]
+        text_rows = [i for i, text in enumerate(inputs) if not is_image_data_uri(text)]
+        images = [decode_base64_image(inputs[i], self.settings.max_image_bytes) for i in image_rows]
+        texts = [inputs[i] for i in text_rows]
+        vectors = np.empty((len(inputs), self.dimension), dtype=np.float32)
+        tokens = 0
+        if images:
+            vectors[image_rows] = await self.embed_images(images, normalize)
+        if texts:
+            vectors[text_rows], tokens = await asyncio.gather(
+                self.embed_texts(texts, normalize), asyncio.to_thread(self.encoder.count_tokens, texts)
+            )
+        return vectors, tokens
+
     def probabilities(self, cosine: np.ndarray) -> np.ndarray:
         """SigLIP's pair probability: sigmoid(cos * exp(logit_scale) + logit_bias), scalars from the checkpoint."""
         logits = cosine * np.exp(self.encoder.logit_scale) + self.encoder.logit_bias
@@ -199,6 +222,7 @@ class Siglip2Service(BatchedService):
 router = APIRouter()
 Service = Depends(ready_service)
 add_text_routes(router, "SigLIP text tower, same space as the images:")
+add_openai_route(router)
 
 
 class EmbedImageBase64Request(Body):

@@ -46,6 +46,10 @@ class ImageSpec:
     jpeg_draft: bool = True
 
 
+def is_image_data_uri(text: str) -> bool:
+    return text[:11].lower() == "data:image/"
+
+
 def decode_base64_image(text: str, max_bytes: int) -> bytes:
     """Raw base64 or a ``data:image/...;base64,`` URI -> bytes."""
     match = _DATA_URI.match(text)
