@@ -18,10 +18,15 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from common.batching import MicroBatcher
+from common.body_limit import BodySizeLimit
 from common.config import ServiceSettings
 from common.errors import NotReady, Unauthorized, install_error_handlers
+from common.metrics import Metrics
 from common.responses import FastJSONResponse
 
 logger = logging.getLogger(__name__)
@@ -37,6 +42,8 @@ class EmbeddingService(Protocol):
     dimension: int
     version: str
     device: str
+    healthy: bool
+    batchers: list[MicroBatcher[Any, Any]]
 
     async def start(self) -> None: ...
 
@@ -51,26 +58,38 @@ class Runtime:
     def __init__(self, settings: ServiceSettings, load_service: Callable[[], EmbeddingService]) -> None:
         self.settings = settings
         self._load_service = load_service
-        self.status: Literal["loading", "ok", "unhealthy"] = "loading"
+        self.metrics = Metrics()
+        self._loaded: Literal["loading", "ok", "unhealthy"] = "loading"
         self.service: EmbeddingService | None = None
         self.load_seconds: float | None = None
         # Called when loading fails; main() uses it to stop the server with a non-zero exit.
         self.on_load_failure: Callable[[], None] | None = None
 
+    @property
+    def status(self) -> Literal["loading", "ok", "unhealthy"]:
+        if self._loaded == "ok" and self.service is not None and not self.service.healthy:
+            return "unhealthy"  # the device keeps failing
+        return self._loaded
+
     async def load(self) -> None:
         started = time.perf_counter()
         try:
             service = await asyncio.to_thread(self._load_service)
+            for batcher in service.batchers:
+                batcher.observer = self.metrics.observe_batch
+                self.metrics.watch_queue(batcher.name, lambda b=batcher: b.queue_depth)  # type: ignore[misc]
             await service.start()
         except Exception:
             logger.exception("loading the model failed")
-            self.status = "unhealthy"
+            self._loaded = "unhealthy"
             if self.on_load_failure is not None:
                 self.on_load_failure()
             return
         self.load_seconds = time.perf_counter() - started
+        self.metrics.load_seconds.set(self.load_seconds)
+        self.metrics.watch_gpu_memory()
         self.service = service
-        self.status = "ok"
+        self._loaded = "ok"
         logger.info(
             "ready: model %s (dimension %d) on %s, loaded in %.1f s",
             service.model_name,
@@ -128,6 +147,17 @@ def create_app(
     app = FastAPI(title=title, version=SERVICE_VERSION, lifespan=lifespan, default_response_class=FastJSONResponse)
     app.state.runtime = runtime
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
+    metrics = runtime.metrics
+    metrics.ready.set_function(lambda: 1.0 if runtime.status == "ok" else 0.0)
 
     @app.middleware("http")
     async def request_id_and_access_log(
@@ -140,14 +170,21 @@ def create_app(
         )
         started = time.perf_counter()
         response = await call_next(request)
+        elapsed = time.perf_counter() - started
         response.headers["X-Request-ID"] = request.state.request_id
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template, never the raw path
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(elapsed)
+        error_code = getattr(request.state, "error_code", None)
+        if error_code is not None:
+            metrics.errors.labels(route, error_code).inc()
         access_logger.info(
             "%s %s %d items=%s %.1fms id=%s",
             request.method,
             request.url.path,
             response.status_code,
             getattr(request.state, "items", "-"),
-            (time.perf_counter() - started) * 1000,
+            elapsed * 1000,
             request.state.request_id,
         )
         return response
@@ -167,6 +204,11 @@ def create_app(
                 "device": service.device,
             }
         )
+
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    async def metrics_route() -> Response:
+        """Prometheus text: requests, errors, latency, batch sizes, queue depth and wait, load time, GPU memory."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/info", tags=["service"], dependencies=[Depends(require_api_key)])
     async def info() -> dict[str, Any]:
@@ -188,6 +230,6 @@ def create_app(
 
 def limits_of(settings: ServiceSettings) -> dict[str, Any]:
     """Every max_* setting, as /info reports them."""
-    return {
-        name: value for name, value in settings.model_dump().items() if name.startswith("max_") and "batch" not in name
-    }
+    limits = {name: value for name, value in settings.model_dump().items() if name.startswith("max_")}
+    limits["request_timeout_s"] = settings.request_timeout_s
+    return {name: value for name, value in limits.items() if "batch" not in name}

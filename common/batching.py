@@ -4,22 +4,40 @@ Callers ``await batcher.submit(items)``; a loop gathers queued items until ``max
 ``max_wait_s`` has passed since the first, then runs ``run_batch`` on one worker thread (the model's only one) and
 hands each caller back exactly its own rows, in order. A batch that raises is split in halves and retried, so a
 bad item (or a batch too big for GPU memory) fails only the requests it belongs to.
+
+The queue is bounded (``max_queue``): past it ``submit`` fails at once with 429 instead of letting latency grow
+without limit, and a caller waits at most ``timeout_s`` for its rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
+
+from common.errors import QueueFull, RequestTimeout
 
 logger = logging.getLogger(__name__)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Out]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+# (batcher name, batch size, seconds each item waited in the queue, seconds the forward pass took)
+BatchObserver = Callable[[str, int, list[float], float], None]
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -30,14 +48,19 @@ class MicroBatcher(Generic[In, Out]):
         executor: Executor,
         max_batch_size: int,
         max_wait_s: float,
+        max_queue: int = 1_000_000,
+        timeout_s: float | None = None,
         name: str = "batch",
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
         self.name = name
-        self._queue: asyncio.Queue[tuple[In, asyncio.Future[Out]]] = asyncio.Queue()
+        self.observer: BatchObserver | None = None
+        self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -53,24 +76,35 @@ class MicroBatcher(Generic[In, Out]):
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         while not self._queue.empty():  # nobody will run these any more
-            _, future = self._queue.get_nowait()
-            if not future.done():
-                future.set_exception(RuntimeError("service is shutting down"))
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("service is shutting down"))
 
     async def submit(self, items: Sequence[In]) -> list[Out]:
         """Queue every item, wait for all of them; results come back in the order of ``items``."""
         if self._task is None:
             raise RuntimeError(f"batcher {self.name} is not running")
+        if self._queue.qsize() + len(items) > self.max_queue:
+            raise QueueFull(
+                f"the {self.name} queue is full ({self._queue.qsize()} items waiting); retry shortly",
+                headers={"Retry-After": "1"},
+            )
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Out]] = []
         for item in items:
-            future: asyncio.Future[Out] = loop.create_future()
-            self._queue.put_nowait((item, future))
-            futures.append(future)
+            pending: _Pending[In, Out] = _Pending(item, loop.create_future())
+            self._queue.put_nowait(pending)
+            futures.append(pending.future)
         try:
-            return list(await asyncio.gather(*futures))
+            async with asyncio.timeout(self.timeout_s):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no result within {self.timeout_s:g} s (the service is overloaded); retry later",
+                headers={"Retry-After": "5"},
+            ) from None
         finally:
-            for future in futures:  # a failed sibling or a gone client: drop our remaining rows
+            for future in futures:  # a failed sibling, a timeout or a gone client: drop our remaining rows
                 future.cancel()
 
     async def _loop(self) -> None:
@@ -91,25 +125,28 @@ class MicroBatcher(Generic[In, Out]):
                     batch.append(self._queue.get_nowait())
             await self._run(batch)
 
-    async def _run(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
-        batch = [(item, future) for item, future in batch if not future.done()]  # skip cancelled callers
+    async def _run(self, batch: list[_Pending[In, Out]]) -> None:
+        batch = [pending for pending in batch if not pending.future.done()]  # skip cancelled callers
         if not batch:
             return
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_batch, [item for item, _ in batch])
+            outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(outputs)} rows for {len(batch)} items")
         except Exception as exc:  # noqa: BLE001 - any failure is split and handed to the callers it belongs to
             if len(batch) == 1:
-                if not batch[0][1].done():
-                    batch[0][1].set_exception(exc)
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
                 return
             logger.warning("%s batch of %d failed (%s); retrying in halves", self.name, len(batch), exc)
             half = len(batch) // 2
             await self._run(batch[:half])
             await self._run(batch[half:])
             return
-        for (_, future), output in zip(batch, outputs, strict=True):
-            if not future.done():
-                future.set_result(output)
+        if self.observer is not None:
+            self.observer(self.name, len(batch), [started - p.queued_at for p in batch], time.perf_counter() - started)
+        for pending, output in zip(batch, outputs, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(output)

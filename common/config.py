@@ -59,10 +59,17 @@ class ServiceSettings(BaseSettings):
     # Batching: requests from many clients share one forward pass.
     max_batch_size: int = Field(32, ge=1, description="items per forward pass")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more items to arrive")
+    max_queue_items: int = Field(4096, ge=1, description="items waiting for the model; past it requests get 429")
+    request_timeout_s: float = Field(120.0, gt=0, description="longest a request waits for its vectors (then 503)")
 
     # Limits, enforced before any heavy work.
     max_items_per_request: int = Field(256, ge=1, description="images or texts in one request")
     max_text_chars: int = Field(20_000, ge=1, description="characters in one text")
+    max_body_bytes: int = Field(32 * MB, ge=1, description="bytes of one request body, checked while it is read")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='browser origins allowed by CORS, e.g. ["http://localhost:3000"]; none by default',
+    )
 
     def cli_name(self) -> str:
         return self.service_env_prefix.rstrip("_").lower()
@@ -88,7 +95,7 @@ class ImageLimits(BaseSettings):
     max_image_pixels: int = Field(
         200_000_000, ge=1, description="pixels of one image (decompression-bomb guard; admits 100+ MP panoramas)"
     )
-    max_body_bytes: int = Field(256 * MB, ge=1, description="bytes of one request body")
+    max_body_bytes: int = Field(256 * MB, ge=1, description="bytes of one request body, checked while it is read")
     jpeg_draft: bool = Field(True, description="decode large JPEGs at reduced scale (at least 2x the model input)")
     decode_threads: int = Field(0, ge=0, description="image decoding threads; 0 = one per CPU core")
 

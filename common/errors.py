@@ -69,6 +69,26 @@ class Unauthorized(EmbedError):
     code = "invalid_api_key"
 
 
+class QueueFull(EmbedError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class RequestTimeout(EmbedError):
+    status = 503
+    type = "server_error"
+    code = "timeout"
+
+
+class OutOfMemory(EmbedError):
+    """A single item did not fit in device memory even alone."""
+
+    status = 503
+    type = "server_error"
+    code = "out_of_memory"
+
+
 class NotReady(EmbedError):
     status = 503
     type = "server_error"

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from common.batching import MicroBatcher
 from common.config import ServiceSettings, limit_hint
-from common.errors import PayloadTooLarge, TooManyItems
+from common.errors import OutOfMemory, PayloadTooLarge, TooManyItems
+
+logger = logging.getLogger(__name__)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+
+# Single-item forward passes that fail in a row (with no success between) before the device counts as broken.
+FAILURES_BEFORE_UNHEALTHY = 3
 
 
 class BatchedService:
@@ -22,27 +30,61 @@ class BatchedService:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.model_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._batchers: list[MicroBatcher[object, object]] = []
+        self.batchers: list[MicroBatcher[Any, Any]] = []
+        # False once the device keeps failing: /health turns 503 so a supervisor restarts the process.
+        self.healthy = True
+        self._failures_in_a_row = 0
 
     def make_batcher(
         self, run_batch: Callable[[list[In]], Sequence[Out] | np.ndarray], name: str
     ) -> MicroBatcher[In, Out]:
         batcher: MicroBatcher[In, Out] = MicroBatcher(
-            run_batch,
+            self._guarded(run_batch),
             executor=self.model_worker,
             max_batch_size=self.settings.max_batch_size,
             max_wait_s=self.settings.max_batch_wait_ms / 1000,
+            max_queue=self.settings.max_queue_items,
+            timeout_s=self.settings.request_timeout_s,
             name=name,
         )
-        self._batchers.append(batcher)  # type: ignore[arg-type]
+        self.batchers.append(batcher)
         return batcher
 
+    def _guarded(
+        self, run_batch: Callable[[list[In]], Sequence[Out] | np.ndarray]
+    ) -> Callable[[list[In]], Sequence[Out] | np.ndarray]:
+        """Out-of-memory -> free the cache and let the batcher split the batch; a lone item that still does not fit
+        is a 503. Repeated failures of lone items mean a broken device, not a bad input."""
+
+        def run(items: list[In]) -> Sequence[Out] | np.ndarray:
+            try:
+                result = run_batch(items)
+            except torch.OutOfMemoryError:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if len(items) == 1:
+                    raise OutOfMemory("one item does not fit in device memory; try a smaller input") from None
+                raise
+            except Exception:
+                if len(items) == 1:
+                    self._failures_in_a_row += 1
+                    if self._failures_in_a_row >= FAILURES_BEFORE_UNHEALTHY and self.healthy:
+                        logger.error(
+                            "%d forward passes failed in a row: marking the service unhealthy", self._failures_in_a_row
+                        )
+                        self.healthy = False
+                raise
+            self._failures_in_a_row = 0
+            return result
+
+        return run
+
     async def start(self) -> None:
-        for batcher in self._batchers:
+        for batcher in self.batchers:
             batcher.start()
 
     async def stop(self) -> None:
-        for batcher in self._batchers:
+        for batcher in self.batchers:
             await batcher.stop()
         self.model_worker.shutdown(wait=True)
 

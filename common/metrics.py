@@ -1,0 +1,59 @@
+"""Prometheus metrics for one app (its own registry, so several apps in one process never collide)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("embed_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.errors = Counter("embed_errors", "Error responses by route and error code", ["route", "code"], registry=r)
+        self.latency = Histogram(
+            "embed_request_seconds", "Request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.items = Counter("embed_items", "Items embedded, by batcher (images, texts)", ["batcher"], registry=r)
+        self.batch_size = Histogram(
+            "embed_batch_size", "Items per forward pass", ["batcher"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "embed_queue_wait_seconds",
+            "Time an item waits for its batch",
+            ["batcher"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "embed_batch_seconds", "Forward pass time", ["batcher"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("embed_queue_depth", "Items waiting for the model", ["batcher"], registry=r)
+        self.load_seconds = Gauge("embed_model_load_seconds", "Model load and warm-up time", registry=r)
+        self.ready = Gauge("embed_ready", "1 when requests are served", registry=r)
+        self.gpu_memory = Gauge("embed_gpu_memory_bytes", "CUDA memory held by this process", ["kind"], registry=r)
+
+    def observe_batch(self, batcher: str, size: int, waits: list[float], seconds: float) -> None:
+        self.items.labels(batcher).inc(size)
+        self.batch_size.labels(batcher).observe(size)
+        self.batch_seconds.labels(batcher).observe(seconds)
+        for wait in waits:
+            self.queue_wait.labels(batcher).observe(wait)
+
+    def watch_queue(self, batcher: str, depth: Callable[[], int]) -> None:
+        self.queue_depth.labels(batcher).set_function(depth)
+
+    def watch_gpu_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.gpu_memory.labels("allocated").set_function(torch.cuda.memory_allocated)
+            self.gpu_memory.labels("reserved").set_function(torch.cuda.memory_reserved)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
