@@ -12,8 +12,7 @@ import asyncio
 import hmac
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal, Protocol
 
@@ -22,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from common.access_log import AccessLog
 from common.batching import MicroBatcher
 from common.body_limit import BodySizeLimit
 from common.config import ServiceSettings
@@ -30,7 +30,6 @@ from common.metrics import Metrics
 from common.responses import FastJSONResponse
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("embed.access")
 
 SERVICE_VERSION = "0.1.0"
 
@@ -114,8 +113,12 @@ def require_api_key(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), expected.get_secret_value().encode()
+    token = token.strip()
+    # An empty token never passes, not even against an empty key (EMBED_API_KEY= set but blank).
+    if (
+        scheme.lower() != "bearer"
+        or not token
+        or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode())
     ):
         raise Unauthorized(
             "missing or wrong API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
@@ -157,37 +160,8 @@ def create_app(
             expose_headers=["X-Request-ID"],
         )
     metrics = runtime.metrics
+    app.add_middleware(AccessLog, metrics=metrics)  # outermost: sees every response, 413s included
     metrics.ready.set_function(lambda: 1.0 if runtime.status == "ok" else 0.0)
-
-    @app.middleware("http")
-    async def request_id_and_access_log(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        client_id = request.headers.get("x-request-id", "")
-        # Accept a client's id only if it is short and printable (it goes into logs and headers).
-        request.state.request_id = (
-            client_id if 0 < len(client_id) <= 128 and client_id.isprintable() else uuid.uuid4().hex
-        )
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        response.headers["X-Request-ID"] = request.state.request_id
-        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template, never the raw path
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(elapsed)
-        error_code = getattr(request.state, "error_code", None)
-        if error_code is not None:
-            metrics.errors.labels(route, error_code).inc()
-        access_logger.info(
-            "%s %s %d items=%s %.1fms id=%s",
-            request.method,
-            request.url.path,
-            response.status_code,
-            getattr(request.state, "items", "-"),
-            elapsed * 1000,
-            request.state.request_id,
-        )
-        return response
 
     @app.get("/health", tags=["service"])
     async def health() -> JSONResponse:
@@ -224,7 +198,13 @@ def create_app(
         body["limits"] = limits_of(settings)
         return body
 
-    app.include_router(router, dependencies=[Depends(require_api_key)])
+    # Multipart parsing stops at the first file or field past the item limit (413), before reading the rest.
+    form_limits = {
+        "max_files": settings.max_items_per_request + 1,
+        "max_fields": settings.max_items_per_request + 16,
+        "max_part_size": settings.max_body_bytes,
+    }
+    app.include_router(router, dependencies=[Depends(require_api_key)], form_limits=form_limits)  # type: ignore[arg-type]
     return app
 
 

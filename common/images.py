@@ -30,6 +30,18 @@ except ImportError:  # pragma: no cover - pillow-heif is in requirements.txt
 # Our own pixel limit (ImageSpec.max_pixels) replaces PIL's global one, which would reject real panoramas.
 Image.MAX_IMAGE_PIXELS = None
 
+# The formats a photo library holds. PIL can open many more (EPS would even run Ghostscript on the upload), and
+# each one is attack surface: everything else is 400 unsupported_image.
+# (Multi-picture JPEGs from cameras open through the JPEG opener and report the format "MPO".)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
+# Leading bytes of those formats: a file that starts like one but does not open is a broken image, not an
+# unsupported one (e.g. a PNG header that says 0 x 0 pixels).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+# Register every plugin now: Image.open(formats=...) looks the names up without loading plugins itself.
+Image.init()
+_OPEN_FORMATS = tuple(name for name in ALLOWED_FORMATS if name in Image.OPEN)  # HEIF only with pillow-heif
+
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?:;[\w=.+-]*)*;base64,", re.IGNORECASE)
 _16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -101,7 +113,7 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns about odd EXIF; the image is still usable
-            image: Image.Image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise InvalidImage("image has zero width or height")
@@ -110,14 +122,18 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image.Image:
                     f"image has {width}x{height} = {width * height} pixels, more than "
                     f"{limit_hint('max_image_pixels', spec.max_pixels)}"
                 )
-            if spec.jpeg_draft and image.format == "JPEG":
+            if spec.jpeg_draft and image.format in ("JPEG", "MPO"):
                 # DCT scaling: decoding at 1/2..1/8 scale is several times faster and the result is still
                 # at least twice the model's input size, so the final resize is nearly unaffected.
                 image.draft("RGB", (spec.width * 2, spec.height * 2))
             image.load()  # the first frame of an animation
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # a copy would cost as much as the decode
             return _to_rgb(image)
     except UnidentifiedImageError:
+        if _looks_like_supported_format(data):
+            raise InvalidImage(
+                "image could not be decoded (the header is invalid, e.g. zero width or height)"
+            ) from None
         raise UnsupportedImage(
             "not an image in a supported format (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC, AVIF)"
         ) from None
@@ -125,6 +141,24 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image.Image:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, MemoryError) as exc:
         raise InvalidImage(f"image could not be decoded ({type(exc).__name__}: truncated or corrupt?)") from None
+
+
+def _looks_like_supported_format(data: bytes) -> bool:
+    if data.startswith(_SIGNATURES):
+        return True
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    # ISO base media (HEIC, HEIF, AVIF): a "ftyp" box first, its brand says which.
+    return data[4:8] == b"ftyp" and data[8:12] in (
+        b"heic",
+        b"heix",
+        b"heim",
+        b"heis",
+        b"mif1",
+        b"msf1",
+        b"avif",
+        b"avis",
+    )
 
 
 def resize_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:

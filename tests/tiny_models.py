@@ -51,7 +51,7 @@ QWEN3_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>"
 WORDS = ["a", "the", "photo", "of", "cat", "dog", "on", "in", "and", "red", "blue", "sun", "sea", "tree"]
 
 
-def _gemma_tokenizer() -> GemmaTokenizer:
+def gemma_tokenizer() -> GemmaTokenizer:
     """Byte-fallback BPE like Gemma's: specials, the 256 byte tokens, letters, a few words (case-sensitive)."""
     vocab: dict[str, int] = {}
     for token in ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]:
@@ -75,7 +75,7 @@ def _gemma_tokenizer() -> GemmaTokenizer:
 def build_tiny_siglip(out: Path, image_size: int = 64, seed: int = 0, hidden_size: int = 32) -> Path:
     """A tiny SigLIP checkpoint; ``image_size=512`` gives the real input size with a very light tower."""
     torch.manual_seed(seed)
-    tokenizer = _gemma_tokenizer()
+    tokenizer = gemma_tokenizer()
     config = SiglipConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -105,7 +105,13 @@ def build_tiny_siglip(out: Path, image_size: int = 64, seed: int = 0, hidden_siz
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    SiglipImageProcessorPil(
+    siglip_image_processor(image_size).save_pretrained(out)
+    return out
+
+
+def siglip_image_processor(image_size: int) -> SiglipImageProcessorPil:
+    """The real checkpoint's preprocessing: plain bilinear resize, rescale 1/255, mean = std = 0.5."""
+    return SiglipImageProcessorPil(
         size={"height": image_size, "width": image_size},
         resample=2,  # bilinear, as the real preprocessor_config.json says
         do_rescale=True,
@@ -113,11 +119,10 @@ def build_tiny_siglip(out: Path, image_size: int = 64, seed: int = 0, hidden_siz
         do_normalize=True,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
-    ).save_pretrained(out)
-    return out
+    )
 
 
-def _qwen2_tokenizer(append_eos: bool) -> Qwen2Tokenizer:
+def qwen2_tokenizer(append_eos: bool) -> Qwen2Tokenizer:
     """Byte-level BPE as Qwen's: the 256 byte symbols, a few merges, the chat special tokens."""
     byte_symbols = list(bytes_to_unicode().values())
     vocab = {symbol: index for index, symbol in enumerate(byte_symbols)}
@@ -164,7 +169,7 @@ def _qwen3_model(vocab_size: int, seed: int, num_layers: int) -> Qwen3ForCausalL
 
 def build_tiny_zimage(out: Path, seed: int = 0, num_layers: int = 4) -> Path:
     """A Z-Image-Turbo layout: model_index.json + text_encoder/ + tokenizer/ (other components are not needed)."""
-    tokenizer = _qwen2_tokenizer(append_eos=False)
+    tokenizer = qwen2_tokenizer(append_eos=False)
     model = _qwen3_model(len(tokenizer), seed, num_layers)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "text_encoder")
@@ -184,7 +189,7 @@ def build_tiny_zimage(out: Path, seed: int = 0, num_layers: int = 4) -> Path:
 
 def build_tiny_qwen3(out: Path, seed: int = 1, num_layers: int = 3) -> Path:
     """A plain Qwen3 folder (config + weights + tokenizer together), Qwen3-Embedding style."""
-    tokenizer = _qwen2_tokenizer(append_eos=True)
+    tokenizer = qwen2_tokenizer(append_eos=True)
     model = _qwen3_model(len(tokenizer), seed, num_layers)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
