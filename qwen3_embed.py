@@ -284,7 +284,7 @@ def build_app(settings: Qwen3Settings, load: Callable[[], Qwen3Service] | None =
 
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(Qwen3Settings, argv)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_file)
     try:
         resolve_model_source(settings.model, download_help=DOWNLOAD_HELP)
     except ModelNotFound as exc:

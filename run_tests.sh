@@ -5,17 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-# Reinstall only when the requirements changed since the last install.
-stamp="$VENV/.requirements-dev.sha256"
-wanted=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -r requirements-dev.txt
-  echo "$wanted" > "$stamp"
-fi
+export VENV
+scripts/ensure_venv.sh requirements-dev.txt  # creates the venv / installs only when the requirements changed
 
 echo "== ruff"
 "$VENV/bin/python" -m ruff check .

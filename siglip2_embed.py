@@ -284,15 +284,22 @@ _IMAGES_BODY_DOC: dict[str, Any] = {
 async def embed_images(request: Request, service: Siglip2Service = Service) -> FastJSONResponse:
     """Repeated multipart ``files`` (optional form ``normalize``), or JSON ``{"images_base64": [...]}`` ->
     ``embeddings`` in input order."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
         limit = service.settings.max_items_per_request
-        form = await request.form(max_files=limit + 1, max_fields=limit + 16)
+        form = await request.form(
+            max_files=limit + 1, max_fields=limit + 16, max_part_size=service.settings.max_body_bytes
+        )
         files = [item for item in form.getlist("files") if isinstance(item, StarletteUploadFile)]
         if not files:
             raise InvalidRequestBody("files: send one or more images as repeated multipart fields named 'files'")
         normalize = _form_bool(form.get("normalize"), default=True)
         datas = await _read_uploads(files, service)
+    elif content_type != "application/json" and not content_type.endswith("+json"):
+        raise InvalidRequestBody(
+            f"Content-Type {content_type or 'missing'}: send multipart/form-data 'files' or application/json "
+            '{"images_base64": [...]}'
+        )
     else:
         try:
             body = EmbedImagesBase64Request.model_validate_json(await request.body())
@@ -355,6 +362,7 @@ async def similarity(
 ) -> FastJSONResponse:
     """Texts x images: ``similarities`` (SigLIP probabilities) and ``cosine``, one row per text."""
     parsed = _parse_texts(texts)
+    service.check_texts(parsed)  # before any image is decoded
     cosine = await _cosine(service, files, parsed)
     request.state.items = len(files) + len(parsed)
     return FastJSONResponse(
@@ -425,7 +433,7 @@ def build_app(settings: Siglip2Settings, load: Callable[[], Siglip2Service] | No
 
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(Siglip2Settings, argv)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_file)
     try:
         resolve_model_source(settings.model, download_help=DOWNLOAD_HELP)
     except ModelNotFound as exc:

@@ -55,6 +55,9 @@ class ServiceSettings(BaseSettings):
         None, description="if set, every route but /health needs 'Authorization: Bearer KEY'"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_file: str | None = Field(
+        None, description="write the log to this file instead of stderr, rotated at 20 MB, 5 old files kept"
+    )
 
     # Batching: requests from many clients share one forward pass.
     max_batch_size: int = Field(32, ge=1, description="items per forward pass")

@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.config import limit_hint
+
 logger = logging.getLogger(__name__)
 
 
@@ -119,6 +121,15 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _classify_parse_error(detail: str) -> tuple[int, str]:
+    """Starlette's multipart messages ("Too many files. Maximum number of files is 257.") -> status and code."""
+    if detail.startswith(("Too many files", "Too many fields")):
+        return 413, "too_many_items"
+    if "exceeded maximum size" in detail:
+        return 413, "payload_too_large"
+    return 422, "invalid_request"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EmbedError)
     async def _embed_error(request: Request, exc: EmbedError) -> JSONResponse:
@@ -130,6 +141,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, EmbedError):
+            # FastAPI turns any error while it reads the body into "400 error parsing the body"; ours (413 from
+            # the body-size limit) is the real answer.
+            return await _embed_error(request, exc.__cause__)
+        if exc.status_code == 400:
+            # The framework's body parsers (multipart, JSON nesting): limits are 413, anything else a bad body.
+            status, code = _classify_parse_error(str(exc.detail))
+            message = str(exc.detail)
+            if code == "too_many_items":
+                limit = request.app.state.runtime.settings.max_items_per_request  # apps from create_app
+                message = f"too many files or fields; the limit is {limit_hint('max_items_per_request', limit)}"
+            return _response(request, status, message, "invalid_request_error", code)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return _response(request, exc.status_code, str(exc.detail), type_, code, getattr(exc, "headers", None))

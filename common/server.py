@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import uvicorn
 from fastapi import FastAPI
@@ -21,6 +25,21 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@contextmanager
+def _exit_normally_after_a_signal() -> Iterator[None]:
+    """uvicorn re-raises SIGTERM/SIGINT once its graceful shutdown is done, which with the default handlers kills
+    the process (exit status -15). The requests are drained by then: ignore the repeat and return our exit code."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def serve(app: FastAPI, settings: ServiceSettings) -> int:
@@ -45,5 +64,6 @@ def serve(app: FastAPI, settings: ServiceSettings) -> int:
         server.should_exit = True
 
     runtime.on_load_failure = stop_server
-    server.run()
+    with _exit_normally_after_a_signal():
+        server.run()
     return 1 if runtime.status == "unhealthy" or not server.started else 0

@@ -12,7 +12,7 @@ import torch
 
 from common.batching import MicroBatcher
 from common.config import ServiceSettings, limit_hint
-from common.errors import OutOfMemory, PayloadTooLarge, TooManyItems
+from common.errors import InvalidRequestBody, OutOfMemory, PayloadTooLarge, TooManyItems
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,13 @@ class BatchedService:
                 raise PayloadTooLarge(
                     f"text {index} has {len(text)} characters; the limit is {limit_hint('max_text_chars', limit)}"
                 )
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    # A lone surrogate ("\ud800" escaped in JSON) would fail inside the tokenizer, in the model's
+                    # worker, where it would count as a device failure.
+                    raise InvalidRequestBody(f"text {index} is not valid Unicode (it has a lone surrogate)") from None
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Start the embedding services in the background and wait until each answers /health.
+#   ./start_all.sh              both: siglip2 (images + text, port 6010) and qwen3 (text, port 6011)
+#   ./start_all.sh qwen3        only the one(s) named
+#   ./start_all.sh --tiny       on tiny random-weight models: meaningless vectors, only for trying the API
+# Settings come from the environment (SIGLIP2_MODEL, QWEN3_MODEL, SIGLIP2_PORT, QWEN3_PORT, EMBED_HOST, EMBED_...).
+# Creates .venv on the first run. Logs and PID files go to $EMBED_LOG_DIR (default logs/). Stop: ./stop_all.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/services.sh
+
+START_TIMEOUT=${START_TIMEOUT:-900}  # seconds to wait for /health; a first start may download several GB
+
+tiny=0
+services=()
+for arg in "$@"; do
+  case $arg in
+    --tiny) tiny=1 ;;
+    -h | --help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) services+=("$(check_service "$arg")") ;;
+  esac
+done
+[ ${#services[@]} -gt 0 ] || services=(siglip2 qwen3)
+
+scripts/ensure_venv.sh requirements.txt
+mkdir -p "$LOG_DIR"
+
+port_of() {
+  case $1 in
+    siglip2) echo "${SIGLIP2_PORT:-6010}" ;;
+    qwen3) echo "${QWEN3_PORT:-6011}" ;;
+  esac
+}
+
+# Where to reach service $1 from this machine (a wildcard bind address is reached over loopback).
+url_of() {
+  local host
+  case $1 in
+    siglip2) host=${SIGLIP2_HOST:-${EMBED_HOST:-127.0.0.1}} ;;
+    qwen3) host=${QWEN3_HOST:-${EMBED_HOST:-127.0.0.1}} ;;
+  esac
+  case $host in
+    0.0.0.0 | "::" | "") host=127.0.0.1 ;;
+    *:*) host="[$host]" ;;
+  esac
+  echo "http://$host:$(port_of "$1")"
+}
+
+# Tiny random-weight models, built once for each version of tests/tiny_models.py; sets $tiny_dir.
+build_tiny_models() {
+  tiny_dir=.cache/tiny-models/$(sha256sum tests/tiny_models.py | cut -c1-12)
+  [ -d "$tiny_dir" ] && return
+  echo "Building tiny random-weight models in $tiny_dir (once)..."
+  local tmp="$tiny_dir.tmp.$$"
+  if ! "$VENV/bin/python" tests/tiny_models.py "$tmp" > "$LOG_DIR/tiny-models.log" 2>&1; then
+    tail -n 20 "$LOG_DIR/tiny-models.log" >&2
+    rm -rf "$tmp"
+    exit 1
+  fi
+  if [ -d "$tiny_dir" ]; then rm -rf "$tmp"; else mv "$tmp" "$tiny_dir"; fi  # another start may have won
+}
+
+# Start service $1 in the background, unless it already runs; its PID goes to logs/$1.pid.
+start_service() {
+  local name=$1 pid port
+  port=$(port_of "$name")
+  if pid=$(service_pid "$name"); then
+    if [[ " $(ps -p "$pid" -o args=) " != *" --port $port "* ]]; then
+      echo "$name: already running (PID $pid) on another port than $port; ./stop_all.sh $name stops it" >&2
+      return 1
+    fi
+    echo "$name: already running (PID $pid)"
+    return
+  fi
+  if (: < "/dev/tcp/127.0.0.1/$port") 2> /dev/null; then
+    echo "$name: port $port is already in use by another program (SIGLIP2_PORT / QWEN3_PORT choose others)" >&2
+    return 1
+  fi
+  # logs/$name.log is the service's own rotated log; the console file catches what comes before logging is set
+  # up (tracebacks at import time) and is truncated at each start. On failure, show only what this start logged.
+  local size=0
+  if [ -f "$LOG_DIR/$name.log" ]; then size=$(wc -c < "$LOG_DIR/$name.log"); fi
+  printf -v "log_start_$name" %s "$((size))"
+  nohup "$VENV/bin/python" "${name}_embed.py" --port "$port" --log-file "$LOG_DIR/$name.log" \
+    > "$LOG_DIR/$name.console.log" 2>&1 < /dev/null &
+  echo $! > "$(pid_file "$name")"
+}
+
+# One line "model=... device=..." once $1/health answers 200; fails while it does not.
+health() {
+  "$VENV/bin/python" - "$1" << 'PY'
+import json, sys, urllib.request
+
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never send localhost to a proxy
+try:
+    with opener.open(sys.argv[1] + "/health", timeout=5) as response:
+        h = json.load(response)
+except Exception:
+    sys.exit(1)
+sys.stdout.write(f"model={h['model']} version={h['version']} dimension={h['dimension']} device={h['device']}\n")
+PY
+}
+
+# Say why service $1 did not start ($2) and show the end of its logs: of its own log, only what this start wrote.
+report_failure() {
+  local offset_var="log_start_$1"
+  echo "$1: FAILED: $2" >&2
+  echo "----- end of $LOG_DIR/$1.log -----" >&2
+  tail -c "+$((${!offset_var:-0} + 1))" "$LOG_DIR/$1.log" 2> /dev/null | tail -n 25 >&2 || true
+  if [ -s "$LOG_DIR/$1.console.log" ]; then
+    echo "----- end of $LOG_DIR/$1.console.log -----" >&2
+    tail -n 25 "$LOG_DIR/$1.console.log" >&2
+  fi
+}
+
+# Poll /health of service $1 until it is ready, its process has died (fail at once) or START_TIMEOUT passes.
+wait_ready() {
+  local name=$1 url summary deadline=$((SECONDS + START_TIMEOUT))
+  url=$(url_of "$name")
+  while true; do
+    if summary=$(health "$url"); then
+      echo "$name: ready at $url  $summary"
+      return
+    fi
+    if ! service_pid "$name" > /dev/null; then
+      rm -f "$(pid_file "$name")"
+      report_failure "$name" "the process exited"
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      report_failure "$name" "not ready after ${START_TIMEOUT}s (still running; ./stop_all.sh $name stops it)"
+      return 1
+    fi
+    sleep 1
+  done
+}
+
+if [ "$tiny" = 1 ]; then
+  build_tiny_models
+  export SIGLIP2_MODEL="$tiny_dir/siglip" QWEN3_MODEL="$tiny_dir/zimage"
+fi
+
+failed=0
+started=()
+for name in "${services[@]}"; do
+  if start_service "$name"; then started+=("$name"); else failed=1; fi
+done
+# Both load at the same time; then wait for each.
+for name in ${started[@]+"${started[@]}"}; do
+  wait_ready "$name" || failed=1
+done
+
+if [ "$tiny" = 1 ]; then
+  cat << 'EOF'
+
+################################################################################################
+#  --tiny: these services run TINY RANDOM-WEIGHT MODELS. Their vectors are MEANINGLESS noise,
+#  only good for trying the API. Never index real data with them. Real models: see README.md.
+################################################################################################
+EOF
+fi
+echo "Logs: $LOG_DIR/   Stop: ./stop_all.sh"
+exit "$failed"

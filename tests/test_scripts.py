@@ -1,0 +1,214 @@
+"""start_all.sh / stop_all.sh end to end on the tiny models: real processes, real ports, real PID files.
+
+Every run uses its own free ports and log directory, so it never touches services a developer has running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import image_bytes, photo_like
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("siglip2", "qwen3")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="inspects processes through /proc"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def cmdline(pid: int) -> str:
+    """The command line of a live process; "" for one that is gone or a zombie."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def service_pids(script: str, port: int) -> list[int]:
+    """Every live process running ``script`` on ``port``: duplicates would show up here."""
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [pid for pid in pids if script in (line := cmdline(pid)) and f"--port {port}" in line]
+
+
+class Scripts:
+    """Runs the repository's scripts with this test's ports, log directory and virtualenv."""
+
+    def __init__(self, log_dir: Path, ports: dict[str, int]) -> None:
+        self.log_dir = log_dir
+        self.ports = ports
+        self.env = {
+            **os.environ,
+            "EMBED_LOG_DIR": str(log_dir),
+            "SIGLIP2_PORT": str(ports["siglip2"]),
+            "QWEN3_PORT": str(ports["qwen3"]),
+            "START_TIMEOUT": "120",
+        }
+        if sys.prefix != sys.base_prefix:
+            self.env["VENV"] = sys.prefix  # the virtualenv running this test
+
+    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(ROOT / args[0]), *args[1:]],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+
+    def pid(self, service: str) -> int:
+        return int((self.log_dir / f"{service}.pid").read_text())
+
+    def url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[service]}"
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> Iterator[Scripts]:
+    ports = {service: free_port() for service in SERVICES}
+    runner = Scripts(tmp_path / "logs", ports)
+    yield runner
+    # Whatever happened above, leave no service behind: stop_all.sh, then SIGKILL what it missed (only ours).
+    runner.run("stop_all.sh")
+    for service, port in ports.items():
+        for pid in service_pids(f"{service}_embed.py", port):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def stranger() -> Iterator[int]:
+    """An unrelated live process whose PID lands in a PID file: it must survive."""
+    process = subprocess.Popen(["sleep", "300"])
+    yield process.pid
+    assert process.poll() is None, "the scripts killed a process that was not theirs"
+    process.kill()
+    process.wait()
+
+
+def wait_for_line(log: Path, text: str, timeout: float = 10.0) -> None:
+    """The access line is written just after the response has gone out: give it a moment."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not in {log}"
+        time.sleep(0.05)
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def write_stale_pid_files(scripts: Scripts, stranger: int) -> None:
+    scripts.log_dir.mkdir(parents=True, exist_ok=True)
+    (scripts.log_dir / "siglip2.pid").write_text(f"{dead_pid()}\n")
+    (scripts.log_dir / "qwen3.pid").write_text(f"{stranger}\n")
+
+
+def test_start_use_stop(scripts: Scripts, stranger: int) -> None:
+    # Stale PID files (a dead PID, a live stranger) neither block the start nor get anybody killed.
+    write_stale_pid_files(scripts, stranger)
+    started = scripts.run("start_all.sh", "--tiny")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "MEANINGLESS" in started.stdout
+    for service in SERVICES:
+        assert f"{service}: ready at {scripts.url(service)}" in started.stdout
+    pids = {service: scripts.pid(service) for service in SERVICES}
+    assert stranger not in pids.values()
+
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        for service in SERVICES:
+            health = client.get(f"{scripts.url(service)}/health")
+            assert health.status_code == 200
+            assert health.json()["status"] == "ok"
+        jpeg = image_bytes(photo_like(96, 64), "JPEG")
+        image = client.post(f"{scripts.url('siglip2')}/embed/image", files={"file": ("a.jpg", jpeg, "image/jpeg")})
+        assert image.status_code == 200, image.text
+        assert len(image.json()["embedding"]) == image.json()["dimension"]
+        text = client.post(f"{scripts.url('qwen3')}/embed/text", json={"text": "a cat on the sea"})
+        assert text.status_code == 200, text.text
+        assert len(text.json()["embedding"]) == text.json()["dimension"]
+
+    # The services log to the rotated files start_all.sh names: one line per request.
+    wait_for_line(scripts.log_dir / "siglip2.log", "POST /embed/image 200")
+    wait_for_line(scripts.log_dir / "qwen3.log", "POST /embed/text 200")
+
+    # A second start finds them running and starts nothing.
+    again = scripts.run("start_all.sh", "--tiny")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("already running") == 2
+    for service in SERVICES:
+        assert scripts.pid(service) == pids[service]
+        assert service_pids(f"{service}_embed.py", scripts.ports[service]) == [pids[service]]
+
+    stopped = scripts.run("stop_all.sh")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    for service in SERVICES:
+        assert cmdline(pids[service]) == ""
+        assert port_is_free(scripts.ports[service])
+        assert not (scripts.log_dir / f"{service}.pid").exists()
+        # uvicorn shut down cleanly on SIGTERM, not killed
+        assert "Finished server process" in (scripts.log_dir / f"{service}.log").read_text()
+
+    stopped_again = scripts.run("stop_all.sh")
+    assert stopped_again.returncode == 0, stopped_again.stdout + stopped_again.stderr
+    assert stopped_again.stdout.count("not running") == 2
+
+    # stop_all.sh with stale PID files removes them and signals nobody.
+    write_stale_pid_files(scripts, stranger)
+    stale = scripts.run("stop_all.sh")
+    assert stale.returncode == 0, stale.stdout + stale.stderr
+    assert stale.stdout.count("stale PID file") == 2
+    assert not list(scripts.log_dir.glob("*.pid"))
+
+
+def test_missing_model_fails_fast_with_download_help(scripts: Scripts, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    begin = time.monotonic()
+    result = scripts.run("start_all.sh", "siglip2", env={"SIGLIP2_MODEL": str(missing)})
+    assert result.returncode != 0
+    assert time.monotonic() - begin < 60  # it notices the process died instead of waiting for START_TIMEOUT
+    assert "siglip2: FAILED" in result.stderr
+    assert str(missing) in result.stderr  # the tail of the log names the path tried ...
+    assert "huggingface-cli download" in result.stderr  # ... and how to download the model
+    assert "Traceback" not in result.stderr
+    assert not (scripts.log_dir / "siglip2.pid").exists()
+
+
+def test_log_file_is_rotated_with_a_size_cap(tmp_path: Path) -> None:
+    # In a child process: configure_logging replaces the root handlers, which would disturb pytest's own.
+    log_file = tmp_path / "logs" / "svc.log"
+    program = (
+        "import logging, common.logs as logs\n"
+        "logs.LOG_FILE_BYTES = 2000\n"
+        f"logs.configure_logging('info', {str(log_file)!r})\n"
+        "for i in range(500): logging.getLogger('test').info('request %d %s', i, 'x' * 50)\n"
+    )
+    subprocess.run([sys.executable, "-c", program], cwd=ROOT, check=True, timeout=120)
+    files = sorted(path.name for path in log_file.parent.iterdir())
+    assert files == ["svc.log", *(f"svc.log.{n}" for n in range(1, 6))]  # the live file and 5 old ones, no more
+    assert all(path.stat().st_size <= 2000 for path in log_file.parent.iterdir())
+    assert "INFO test: request 499 " in log_file.read_text()  # timestamped lines, newest in the live file
