@@ -23,13 +23,12 @@ from pydantic import Field
 
 from common.app import create_app
 from common.batching import MicroBatcher
-from common.config import ServiceSettings, default_model, load_settings
-from common.device import describe_device, pick_device, pick_dtype
-from common.logs import configure_logging
-from common.model_source import ModelNotFound, display_name, resolve_model_source
+from common.config import ServiceSettings, default_model
+from common.device import describe_device, locate_model
+from common.model_source import display_name
 from common.openai_api import add_openai_route
 from common.routes import add_text_routes
-from common.server import serve
+from common.server import run_service
 from common.service import BatchedService, stack_rows
 
 logger = logging.getLogger("qwen3")
@@ -98,6 +97,7 @@ class Qwen3Encoder:
         template: Template = "zimage",
         max_length: int = 512,
         max_batch_tokens: int = 16384,
+        compile_model: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -127,6 +127,8 @@ class Qwen3Encoder:
             model.layers = model.layers[: self.hidden_index]
             model.norm = torch.nn.Identity()
         self.model = model.to(device).eval()
+        if compile_model:
+            self.model.compile(dynamic=True)  # batch size and padded length change from batch to batch
         self.dimension: int = config.hidden_size
         self.tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_dir)
         # Right padding keeps every real token at the same position as when the text is alone.
@@ -254,10 +256,7 @@ add_openai_route(router)
 
 def load_service(settings: Qwen3Settings) -> Qwen3Service:
     """Resolve, load and warm up the model (runs in a thread at start-up)."""
-    source = resolve_model_source(settings.model, download_help=DOWNLOAD_HELP)
-    device = pick_device(settings)
-    dtype = pick_dtype(settings.dtype, device)
-    logger.info("loading %s on %s as %s", source, describe_device(device), dtype)
+    source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
     encoder = Qwen3Encoder(
         source,
         device,
@@ -267,6 +266,7 @@ def load_service(settings: Qwen3Settings) -> Qwen3Service:
         template=settings.template,
         max_length=settings.max_length,
         max_batch_tokens=settings.max_batch_tokens,
+        compile_model=settings.compile,
     )
     encoder.embed_texts(["warm-up"])
     return Qwen3Service(settings, encoder, describe_device(device))
@@ -282,15 +282,17 @@ def build_app(settings: Qwen3Settings, load: Callable[[], Qwen3Service] | None =
     )
 
 
+def text_encoder_files(files: list[str]) -> list[str] | None:
+    """Of a Z-Image-Turbo repository only the text encoder and tokenizer are needed; a plain Qwen3 repo whole."""
+    if "model_index.json" in files:
+        return ["model_index.json", "text_encoder/*", "tokenizer/*"]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(Qwen3Settings, argv)
-    configure_logging(settings.log_level, settings.log_file)
-    try:
-        resolve_model_source(settings.model, download_help=DOWNLOAD_HELP)
-    except ModelNotFound as exc:
-        logger.error("%s", exc)
-        return 1
-    return serve(build_app(settings), settings)
+    return run_service(
+        Qwen3Settings, build_app, download_help=DOWNLOAD_HELP, select_files=text_encoder_files, argv=argv
+    )
 
 
 if __name__ == "__main__":

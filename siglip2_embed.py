@@ -24,17 +24,16 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from common.app import create_app, ready_service
 from common.batching import MicroBatcher
-from common.config import ImageLimits, ServiceSettings, default_model, limit_hint, load_settings
-from common.device import describe_device, pick_device, pick_dtype
+from common.config import ImageLimits, ServiceSettings, default_model, limit_hint
+from common.device import describe_device, locate_model
 from common.errors import ImageTooLarge, InvalidRequestBody
 from common.images import ImageSpec, decode_base64_image, is_image_data_uri, prepare_image
-from common.logs import configure_logging
-from common.model_source import ModelNotFound, display_name, resolve_model_source
+from common.model_source import display_name
 from common.openai_api import add_openai_route
 from common.responses import FastJSONResponse
 from common.routes import add_text_routes, embedding_reply
 from common.schemas import Body, EmbeddingResponse, EmbeddingsResponse
-from common.server import serve
+from common.server import run_service
 from common.service import BatchedService, stack_rows
 
 logger = logging.getLogger("siglip2")
@@ -61,7 +60,7 @@ class Siglip2Settings(ImageLimits, ServiceSettings):
 class Siglip2Encoder:
     """A SigLIP checkpoint (``model_type "siglip"``) with pure batch methods; no HTTP, no asyncio."""
 
-    def __init__(self, source: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, source: str, device: torch.device, dtype: torch.dtype, compile_model: bool = False) -> None:
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, SiglipModel
 
         config = AutoConfig.from_pretrained(source)
@@ -74,6 +73,10 @@ class Siglip2Encoder:
         self.dtype = dtype
         self.model = SiglipModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
         self.model = self.model.to(device).eval()  # type: ignore[arg-type]
+        if compile_model:
+            # Image batches have one shape per batch size; text is always padded to text_length.
+            self.model.vision_model.compile()
+            self.model.text_model.compile()
         self.dimension: int = config.vision_config.hidden_size
         self.logit_scale = float(self.model.logit_scale.float().item())
         self.logit_bias = float(self.model.logit_bias.float().item())
@@ -411,11 +414,8 @@ async def rank(
 
 def load_service(settings: Siglip2Settings) -> Siglip2Service:
     """Resolve, load and warm up the model (runs in a thread at start-up)."""
-    source = resolve_model_source(settings.model, download_help=DOWNLOAD_HELP)
-    device = pick_device(settings)
-    dtype = pick_dtype(settings.dtype, device)
-    logger.info("loading %s on %s as %s", source, describe_device(device), dtype)
-    encoder = Siglip2Encoder(source, device, dtype)
+    source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
+    encoder = Siglip2Encoder(source, device, dtype, compile_model=settings.compile)
     encoder.embed_images([np.zeros((encoder.input_height, encoder.input_width, 3), np.uint8)])  # warm-up
     encoder.embed_texts(["warm-up"])
     return Siglip2Service(settings, encoder, describe_device(device))
@@ -432,14 +432,7 @@ def build_app(settings: Siglip2Settings, load: Callable[[], Siglip2Service] | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(Siglip2Settings, argv)
-    configure_logging(settings.log_level, settings.log_file)
-    try:
-        resolve_model_source(settings.model, download_help=DOWNLOAD_HELP)
-    except ModelNotFound as exc:
-        logger.error("%s", exc)
-        return 1
-    return serve(build_app(settings), settings)
+    return run_service(Siglip2Settings, build_app, download_help=DOWNLOAD_HELP, argv=argv)
 
 
 if __name__ == "__main__":

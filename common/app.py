@@ -71,6 +71,8 @@ class Runtime:
         return self._loaded
 
     async def load(self) -> None:
+        # A lifespan can run more than once per app (test harnesses do): start from scratch each time.
+        self._loaded, self.service = "loading", None
         started = time.perf_counter()
         try:
             service = await asyncio.to_thread(self._load_service)

@@ -46,6 +46,7 @@ class ServiceSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address; anything but loopback should set an API key")
     device: Device = Field("auto", description="auto picks cuda, then mps, then cpu")
     dtype: DType = Field("auto", description="auto: bfloat16 on CUDA, float32 elsewhere")
+    compile: bool = Field(False, description="torch.compile the model: slower start, faster forward passes on a GPU")
     force_cpu: bool = Field(
         False,
         validation_alias=AliasChoices("force_cpu"),

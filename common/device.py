@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from common.config import DType, ServiceSettings
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -39,3 +43,14 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
+
+
+def locate_model(settings: ServiceSettings, download_help: str) -> tuple[str, torch.device, torch.dtype]:
+    """What every loader starts with: the model's folder, the device and the dtype (logged)."""
+    from common.model_source import resolve_model_source
+
+    source = resolve_model_source(settings.model, download_help=download_help)
+    device = pick_device(settings)
+    dtype = pick_dtype(settings.dtype, device)
+    logger.info("loading %s on %s as %s", source, describe_device(device), dtype)
+    return source, device, dtype

@@ -6,14 +6,16 @@ import ipaddress
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import uvicorn
 from fastapi import FastAPI
 
 from common.app import Runtime
-from common.config import ServiceSettings
+from common.config import ServiceSettings, SettingsT, load_settings
+from common.logs import configure_logging
+from common.model_source import ModelNotFound, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +69,22 @@ def serve(app: FastAPI, settings: ServiceSettings) -> int:
     with _exit_normally_after_a_signal():
         server.run()
     return 1 if runtime.status == "unhealthy" or not server.started else 0
+
+
+def run_service(
+    settings_cls: type[SettingsT],
+    build_app: Callable[[SettingsT], FastAPI],
+    *,
+    download_help: str,
+    select_files: Callable[[list[str]], list[str] | None] | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """A service's main(): settings, logging, the model on disk (downloaded if it is a hub id), then serve."""
+    settings = load_settings(settings_cls, argv)
+    configure_logging(settings.log_level, settings.log_file)
+    try:
+        resolve_model_source(settings.model, download_help=download_help, download=True, select_files=select_files)
+    except ModelNotFound as exc:
+        logger.error("%s", exc)
+        return 1
+    return serve(build_app(settings), settings)

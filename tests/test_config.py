@@ -50,3 +50,27 @@ def test_missing_model_explains_how_to_download(tmp_path: Path, capsys: pytest.C
     message = capsys.readouterr().err
     assert "nowhere" in message and "huggingface-cli download google/siglip2-so400m-patch16-512" in message
     assert "modelscope download" in message and "Traceback" not in message
+
+
+def test_uncached_hub_id_offline_is_a_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    assert main(["--model", "google/siglip2-so400m-patch16-512"]) == 1
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err and "huggingface-cli download" in err and "Traceback" not in err
+
+
+def test_only_the_text_encoder_of_z_image_is_downloaded() -> None:
+    from qwen3_embed import text_encoder_files
+
+    zimage = ["model_index.json", "text_encoder/model.safetensors", "transformer/x.safetensors", "vae/config.json"]
+    assert text_encoder_files(zimage) == ["model_index.json", "text_encoder/*", "tokenizer/*"]
+    assert text_encoder_files(["config.json", "model.safetensors", "tokenizer.json"]) is None
+
+
+def test_compile_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(Siglip2Settings, ["--compile"]).compile
+    monkeypatch.setenv("EMBED_COMPILE", "true")
+    assert load_settings(Siglip2Settings, []).compile
