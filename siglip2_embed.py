@@ -18,16 +18,17 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from common.app import create_app, ready_service
 from common.batching import MicroBatcher
-from common.config import ImageLimits, ServiceSettings, default_model, limit_hint
+from common.config import ImageLimits, ServiceSettings, default_model
 from common.device import describe_device, locate_model
-from common.errors import ImageTooLarge, InvalidRequestBody
-from common.images import ImageSpec, decode_base64_image, is_image_data_uri, prepare_image
+from common.errors import InvalidRequestBody
+from common.images import ImageSpec, is_image_data_uri, prepare_encoded_image
 from common.model_source import display_name
 from common.openai_api import add_openai_route
 from common.responses import FastJSONResponse
@@ -158,17 +159,16 @@ class Siglip2Service(BatchedService):
         await super().stop()
         self.decode_pool.shutdown(wait=True)
 
-    async def embed_images(self, images: Sequence[bytes], normalize: bool) -> np.ndarray:
+    async def embed_images(self, images: Sequence[bytes | str], normalize: bool) -> np.ndarray:
+        """Image files as bytes, or as base64 text (raw or data URI); decoded in the pool, never on the loop."""
         self.check_count(len(images), "images")
-        limit = self.settings.max_image_bytes
-        for index, data in enumerate(images):
-            if len(data) > limit:
-                raise ImageTooLarge(
-                    f"image {index} has {len(data)} bytes; the limit is {limit_hint('max_image_bytes', limit)}"
-                )
         loop = asyncio.get_running_loop()
+        limit = self.settings.max_image_bytes
         pixels = await asyncio.gather(
-            *(loop.run_in_executor(self.decode_pool, prepare_image, data, self.image_spec) for data in images)
+            *(
+                loop.run_in_executor(self.decode_pool, prepare_encoded_image, item, self.image_spec, limit)
+                for item in images
+            )
         )
         return stack_rows(await self.image_batcher.submit(pixels), normalize)
 
@@ -181,7 +181,7 @@ class Siglip2Service(BatchedService):
         self.check_count(len(inputs), "inputs")
         image_rows = [i for i, text in enumerate(inputs) if is_image_data_uri(text)]
         text_rows = [i for i, text in enumerate(inputs) if not is_image_data_uri(text)]
-        images = [decode_base64_image(inputs[i], self.settings.max_image_bytes) for i in image_rows]
+        images = [inputs[i] for i in image_rows]
         texts = [inputs[i] for i in text_rows]
         vectors = np.empty((len(inputs), self.dimension), dtype=np.float32)
         tokens = 0
@@ -258,8 +258,7 @@ async def embed_image_base64(
     request: Request, body: EmbedImageBase64Request, service: Siglip2Service = Service
 ) -> FastJSONResponse:
     """``{"image_base64": "..."}`` (raw base64 or data URI) -> ``embedding``."""
-    data = decode_base64_image(body.image_base64, service.settings.max_image_bytes)
-    vectors = await service.embed_images([data], body.normalize)
+    vectors = await service.embed_images([body.image_base64], body.normalize)
     return embedding_reply(service, request, vectors, single=True)
 
 
@@ -297,7 +296,7 @@ async def embed_images(request: Request, service: Siglip2Service = Service) -> F
         if not files:
             raise InvalidRequestBody("files: send one or more images as repeated multipart fields named 'files'")
         normalize = _form_bool(form.get("normalize"), default=True)
-        datas = await _read_uploads(files, service)
+        images: Sequence[bytes | str] = await _read_uploads(files, service)
     elif content_type != "application/json" and not content_type.endswith("+json"):
         raise InvalidRequestBody(
             f"Content-Type {content_type or 'missing'}: send multipart/form-data 'files' or application/json "
@@ -307,15 +306,9 @@ async def embed_images(request: Request, service: Siglip2Service = Service) -> F
         try:
             body = EmbedImagesBase64Request.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise InvalidRequestBody(
-                "send multipart 'files' or JSON {\"images_base64\": [...]}: "
-                + "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
-            ) from None
-        service.check_count(len(body.images_base64), "images")
-        limit = service.settings.max_image_bytes
-        datas = [decode_base64_image(text, limit) for text in body.images_base64]
-        normalize = body.normalize
-    vectors = await service.embed_images(datas, normalize)
+            raise RequestValidationError(exc.errors()) from None
+        images, normalize = body.images_base64, body.normalize
+    vectors = await service.embed_images(images, normalize)
     return embedding_reply(service, request, vectors, single=False)
 
 

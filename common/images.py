@@ -167,6 +167,17 @@ def resize_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
+def prepare_encoded_image(item: bytes | str, spec: ImageSpec, max_bytes: int) -> np.ndarray:
+    """What the decoding pool runs for one uploaded image: raw bytes, or base64 text (raw or a data URI)."""
+    if isinstance(item, str):
+        data = decode_base64_image(item, max_bytes)
+    elif len(item) > max_bytes:
+        raise ImageTooLarge(f"image has {len(item)} bytes; the limit is {limit_hint('max_image_bytes', max_bytes)}")
+    else:
+        data = item
+    return prepare_image(data, spec)
+
+
 def prepare_image(data: bytes, spec: ImageSpec) -> np.ndarray:
     """What the thread pool runs for one image: decode, orient, convert, resize."""
     return resize_image(decode_image(data, spec), spec)
