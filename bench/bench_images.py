@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from functools import partial
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 from PIL import Image
 
-from bench.loadgen import ROOT, free_port, post_file, run_load, server_process
-from bench.models import bench_model
+from bench.loadgen import ROOT, compare_with_baseline, post_file
+from bench.models import add_model_arguments, model_from_arguments
 
 OUT = ROOT / "bench" / "out"
 
@@ -78,41 +77,24 @@ def throughput(model_path: Path, files: list[Path], label: str, args: argparse.N
         name, data = datas[index % len(datas)]
         return await post_file(session, f"{url}/embed/image", "file", name, data)
 
-    servers = {
-        "naive baseline": ["-m", "bench.naive_servers", "images", "--model", str(model_path), "--device", args.device],
-        "siglip2_embed.py": [
-            "siglip2_embed.py",
-            "--model",
-            str(model_path),
-            "--device",
-            args.device,
-            "--log-level",
-            "warning",
-        ],
-    }
-    results = []
-    for name, command in servers.items():
-        port = free_port()
-        with server_process([*command, "--port", str(port)], port, OUT / f"{name.split()[0]}-images.log") as url:
-            results.append(run_load(f"{label}: {name}", partial(one_image, url=url), args.clients, args.requests))
-    lines = [result.line("img") for result in results]
-    lines.append(f"{label}: ratio {results[1].rate / results[0].rate:.2f}x the naive baseline's images/s")
-    return lines
+    return compare_with_baseline(
+        "images", "siglip2_embed.py", model_path, args.device, one_image, args.clients, args.requests, label, "img"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-512", help="tiny-512, so400m (random weights), or a folder")
+    add_model_arguments(parser, tiny="tiny-512", full_size="so400m")
     parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "photos")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=160)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-1920", action="store_true", help="only the 12 MP set")
     args = parser.parse_args()
 
-    model_path = Path(args.model) if Path(args.model).is_dir() else bench_model(args.model, OUT / "models", args.device)
+    model_path = model_from_arguments(args)
     twelve = camera_jpegs(args.photos, OUT / "12mp")
-    lines = [f"model {args.model} on {args.device}; {args.clients} clients, one image per request"]
+    model = args.random_weights or args.model
+    lines = [f"model {model} on {args.device}; {args.clients} clients, one image per request"]
     reference, ours = preprocessing_only(model_path, twelve, rounds=2)
     lines.append(
         f"decode+preprocess 12 MP, one thread: reference {reference * 1000:.1f} ms/img, ours {ours * 1000:.1f} ms/img, "

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import random
-from functools import partial
-from pathlib import Path
 
 import aiohttp
 
-from bench.loadgen import ROOT, free_port, post_json, run_load, server_process
-from bench.models import bench_model
+from bench.loadgen import compare_with_baseline, post_json
+from bench.models import add_model_arguments, model_from_arguments
 
-OUT = ROOT / "bench" / "out"
 # A caption-like vocabulary (kept as one string on purpose).
 _VOCABULARY = """a the cat dog sun sea tree red blue photo of on in and small old city river street night morning light
 mountain forest bird flower book table window portrait children market bridge snow rain summer garden"""
@@ -32,38 +29,22 @@ def short_texts(count: int, seed: int = 0) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-zimage", help="tiny-zimage, qwen3-4b (random weights), or a folder")
+    add_model_arguments(parser, tiny="tiny-zimage", full_size="qwen3-4b")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=640)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    model_path = Path(args.model) if Path(args.model).is_dir() else bench_model(args.model, OUT / "models", args.device)
+    model_path = model_from_arguments(args)
     texts = short_texts(args.requests)
 
     async def one_text(session: aiohttp.ClientSession, index: int, url: str) -> int:
         return await post_json(session, f"{url}/embed/text", {"text": texts[index % len(texts)]})
 
-    servers = {
-        "naive baseline": ["-m", "bench.naive_servers", "texts", "--model", str(model_path), "--device", args.device],
-        "qwen3_embed.py": [
-            "qwen3_embed.py",
-            "--model",
-            str(model_path),
-            "--device",
-            args.device,
-            "--log-level",
-            "warning",
-        ],
-    }
-    results = []
-    for name, command in servers.items():
-        port = free_port()
-        with server_process([*command, "--port", str(port)], port, OUT / f"{name.split()[0]}-texts.log") as url:
-            results.append(run_load(name, partial(one_text, url=url), args.clients, args.requests))
-    lines = [f"model {args.model} on {args.device}; {args.clients} clients, one 3-16 word text per request"]
-    lines += [result.line("texts") for result in results]
-    lines.append(f"ratio {results[1].rate / results[0].rate:.2f}x the naive baseline's texts/s")
+    results = compare_with_baseline(
+        "texts", "qwen3_embed.py", model_path, args.device, one_text, args.clients, args.requests, "texts", "texts"
+    )
+    model = args.random_weights or args.model
+    lines = [f"model {model} on {args.device}; {args.clients} clients, one 3-16 word text per request", *results]
     print("\n".join(lines))
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -125,3 +126,34 @@ async def post_file(session: aiohttp.ClientSession, url: str, field: str, name: 
     async with session.post(url, data=form) as response:
         await response.read()
         return response.status
+
+
+def compare_with_baseline(
+    kind: str,
+    service_script: str,
+    model_path: Path,
+    device: str,
+    make_request: Callable[..., Awaitable[int]],
+    clients: int,
+    requests: int,
+    label: str,
+    unit: str,
+) -> list[str]:
+    """Run the naive server, then ours, under the same load; lines with both figures and the ratio.
+
+    ``make_request(session, index, url=...)`` sends one request and returns its status.
+    """
+    servers = {
+        "naive baseline": ["-m", "bench.naive_servers", kind, "--model", str(model_path), "--device", device],
+        service_script: [service_script, "--model", str(model_path), "--device", device, "--log-level", "warning"],
+    }
+    results = []
+    for name, command in servers.items():
+        port = free_port()
+        log = ROOT / "bench" / "out" / f"{name.split()[0]}-{kind}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with server_process([*command, "--port", str(port)], port, log) as url:
+            results.append(run_load(f"{label}: {name}", partial(make_request, url=url), clients, requests))
+    lines = [result.line(unit) for result in results]
+    lines.append(f"{label}: ratio {results[1].rate / results[0].rate:.2f}x the naive baseline's {unit}/s")
+    return lines

@@ -3,6 +3,7 @@ no weights can be downloaded), and the tiny models with the real 512 px input.""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,18 @@ def bench_model(kind: str, cache: Path, device: str) -> Path:
         "qwen3-4b": lambda out: build_random_qwen3_4b(out, device),
     }
     return builders[kind](cache / kind)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, tiny: str, full_size: str) -> None:
+    parser.add_argument("--model", default=tiny, help=f"a model folder, or {tiny} (built here, the default)")
+    parser.add_argument(
+        "--random-weights", choices=[full_size], help="the full-size architecture with random weights (for GPU runs)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_from_arguments(args: argparse.Namespace) -> Path:
+    name = args.random_weights or args.model
+    if Path(name).is_dir():
+        return Path(name)
+    return bench_model(name, Path(__file__).parent / "out" / "models", args.device)
