@@ -53,7 +53,7 @@ class ServiceSettings(BaseSettings):
         description="FORCE_CPU=1 forces the CPU whatever --device says",
     )
     api_key: SecretStr | None = Field(
-        None, description="if set, every route but /health needs 'Authorization: Bearer KEY'"
+        None, description="if set, every route but /health and /metrics needs 'Authorization: Bearer KEY'"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_file: str | None = Field(
@@ -74,9 +74,6 @@ class ServiceSettings(BaseSettings):
         default_factory=list,
         description='browser origins allowed by CORS, e.g. ["http://localhost:3000"]; none by default',
     )
-
-    def cli_name(self) -> str:
-        return self.service_env_prefix.rstrip("_").lower()
 
     @classmethod
     def settings_customise_sources(
