@@ -6,36 +6,29 @@ port 6011.
 The default vector is the one Z-Image conditions on: the prompt in Qwen3's chat template, at most 512 tokens,
 hidden_states[-2] (output of layer 35 of 36, before the final norm), averaged over all real tokens, L2-normalised.
 With ``--layer -1 --pooling last --template none`` the same service serves Qwen3-Embedding models.
+This file holds what is specific to Qwen3: the recipe, its settings, the encoder (a pure batch method), the service
+and ``load``. The routes and the server are shared, in ``common/``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, FastAPI
 from pydantic import Field
 
-from common.app import create_app
-from common.batching import MicroBatcher
 from common.config import ServiceSettings, default_model
-from common.device import describe_device, locate_model
-from common.model_source import display_name
-from common.openai_api import add_openai_route
-from common.routes import add_text_routes
-from common.server import run_service
-from common.service import BatchedService, stack_rows
-
-logger = logging.getLogger("qwen3")
+from common.loading import describe_device, display_name, locate_model
+from common.server import ServiceDefinition
+from common.service import BatchedService
 
 HUB_ID = "Tongyi-MAI/Z-Image-Turbo"
 LOCAL_PATH = "/mnt/hdd/models/Z-Image-Turbo"
-# Names the embedding space of the default recipe; other options append themselves (see embedding_version).
+# Names the embedding space of the default recipe; a recipe that differs appends its changes (Qwen3Recipe.version).
 EMBEDDING_VERSION = "1.0"
 DOWNLOAD_HELP = (
     f"    huggingface-cli download {HUB_ID} --include 'text_encoder/*' 'tokenizer/*' model_index.json "
@@ -47,6 +40,22 @@ Pooling = Literal["mean", "last"]
 Template = Literal["zimage", "none"]
 
 
+@dataclass(frozen=True)
+class Qwen3Recipe:
+    """Everything that decides the numbers of a vector; the defaults are what Z-Image conditions on."""
+
+    layer: int = -2  # hidden_states index: -2 = output of the penultimate layer, -1 = the final (normed) output
+    pooling: Pooling = "mean"  # mean over the real tokens, or the last real token (Qwen3-Embedding)
+    template: Template = "zimage"  # zimage: the chat template as Z-Image applies it; none: the raw text
+    max_length: int = 512  # tokens per text after the template; Z-Image truncates at 512
+
+    def version(self) -> str:
+        """ "1.0" for the default recipe; every field that differs is appended: vectors of another recipe live in
+        another space and must not be compared with these."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != f.default]
+        return EMBEDDING_VERSION + ("+" + ",".join(changed) if changed else "")
+
+
 class Qwen3Settings(ServiceSettings):
     service_env_prefix: ClassVar[str] = "QWEN3_"
 
@@ -55,22 +64,18 @@ class Qwen3Settings(ServiceSettings):
         description="Z-Image-Turbo folder (text_encoder/ + tokenizer/), a plain Qwen3 folder, or a hub id",
     )
     port: int = Field(6011, ge=1, le=65535, description="TCP port")
-    layer: int = Field(-2, description="hidden_states index: -2 = penultimate layer (Z-Image), -1 = final output")
-    pooling: Pooling = Field("mean", description="mean over real tokens, or the last real token")
-    template: Template = Field("zimage", description="zimage: Qwen3 chat template as Z-Image uses it; none: raw text")
-    max_length: int = Field(512, ge=1, description="tokens per text; longer texts are truncated (Z-Image uses 512)")
+    layer: int = Field(Qwen3Recipe.layer, description="hidden_states index: -2 = penultimate layer, -1 = final output")
+    pooling: Pooling = Field(Qwen3Recipe.pooling, description="mean over real tokens, or the last real token")
+    template: Template = Field(
+        Qwen3Recipe.template, description="zimage: Qwen3 chat template as Z-Image uses it; none: raw text"
+    )
+    max_length: int = Field(Qwen3Recipe.max_length, ge=1, description="tokens per text; longer texts are truncated")
     max_batch_tokens: int = Field(
         16384, ge=1, description="padded tokens per forward pass; a batch of long texts is split to stay under it"
     )
 
-
-def embedding_version(settings: Qwen3Settings) -> str:
-    """ "1.0" for the default recipe; any option that changes the numbers is appended."""
-    defaults = {"layer": -2, "pooling": "mean", "template": "zimage", "max_length": 512}
-    changed = [
-        f"{name}={getattr(settings, name)}" for name, value in defaults.items() if getattr(settings, name) != value
-    ]
-    return EMBEDDING_VERSION + ("+" + ",".join(changed) if changed else "")
+    def recipe(self) -> Qwen3Recipe:
+        return Qwen3Recipe(**{f.name: getattr(self, f.name) for f in fields(Qwen3Recipe)})
 
 
 def _is_zimage_layout(source: str) -> bool:
@@ -91,11 +96,8 @@ class Qwen3Encoder:
         source: str,
         device: torch.device,
         dtype: torch.dtype,
+        recipe: Qwen3Recipe = Qwen3Recipe(),
         *,
-        layer: int = -2,
-        pooling: Pooling = "mean",
-        template: Template = "zimage",
-        max_length: int = 512,
         max_batch_tokens: int = 16384,
         compile_model: bool = False,
     ) -> None:
@@ -108,17 +110,16 @@ class Qwen3Encoder:
         if config.model_type != "qwen3":
             raise ValueError(f"{source} holds a {config.model_type!r} model; this service needs a Qwen3 text model")
         self.num_layers: int = config.num_hidden_layers
-        if not -(self.num_layers + 1) <= layer <= self.num_layers:
+        if not -(self.num_layers + 1) <= recipe.layer <= self.num_layers:
             raise ValueError(
-                f"--layer {layer} is out of range: {self.num_layers} layers give {self.num_layers + 1} hidden states"
+                f"--layer {recipe.layer} is out of range: {self.num_layers} layers give {self.num_layers + 1} "
+                "hidden states"
             )
         # hidden_states[i]: 0 = token embeddings, i = output of decoder layer i; the last one has the final norm.
-        self.hidden_index = layer % (self.num_layers + 1)
+        self.hidden_index = recipe.layer % (self.num_layers + 1)
         self.device = device
         self.dtype = dtype
-        self.pooling = pooling
-        self.template = template
-        self.max_length = max_length
+        self.recipe = recipe
         self.max_batch_tokens = max_batch_tokens
 
         model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **model_dir)
@@ -137,7 +138,7 @@ class Qwen3Encoder:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def format(self, text: str) -> str:
-        if self.template == "none":
+        if self.recipe.template == "none":
             return text
         # Exactly what Z-Image feeds its text encoder: <|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n
         prompt = self.tokenizer.apply_chat_template(
@@ -147,7 +148,9 @@ class Qwen3Encoder:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, truncated at max_length, unpadded."""
-        encoded = self.tokenizer([self.format(text) for text in texts], truncation=True, max_length=self.max_length)
+        encoded = self.tokenizer(
+            [self.format(text) for text in texts], truncation=True, max_length=self.recipe.max_length
+        )
         return [list(ids) for ids in encoded["input_ids"]]
 
     def count_tokens(self, texts: Sequence[str]) -> int:
@@ -184,7 +187,7 @@ class Qwen3Encoder:
         return vectors
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "last":
+        if self.recipe.pooling == "last":
             last = mask.sum(dim=1) - 1  # right padding: the last real token
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
@@ -195,45 +198,25 @@ class Qwen3Service(BatchedService):
     """The loaded model behind the routes: one text batcher feeding the model's worker thread."""
 
     def __init__(self, settings: Qwen3Settings, encoder: Qwen3Encoder, device_label: str) -> None:
-        super().__init__(settings)
-        self.settings: Qwen3Settings = settings
-        self.encoder = encoder
-        self.model_name = model_name(settings.model, encoder)
-        self.dimension = encoder.dimension
-        self.version = embedding_version(settings)
-        self.device = device_label
-        self.text_batcher: MicroBatcher[str, np.ndarray] = self.make_batcher(encoder.embed_texts, "texts")
-
-    async def embed_texts(self, texts: Sequence[str], normalize: bool) -> np.ndarray:
-        self.check_texts(texts)
-        return stack_rows(await self.text_batcher.submit(list(texts)), normalize)
-
-    async def embed_inputs(self, inputs: Sequence[str], normalize: bool) -> tuple[np.ndarray, int]:
-        """The OpenAI route: vectors and the number of tokens read."""
-        vectors, tokens = await asyncio.gather(
-            self.embed_texts(inputs, normalize), asyncio.to_thread(self.encoder.count_tokens, inputs)
+        super().__init__(
+            settings,
+            encoder,
+            model_name=model_name(settings.model, encoder),
+            version=encoder.recipe.version(),
+            device=device_label,
         )
-        return vectors, tokens
+        self.encoder = encoder
 
-    def info(self) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         encoder = self.encoder
         return {
-            "model": self.model_name,
-            "model_path": self.settings.model,
             "layout": "z-image (text_encoder/ + tokenizer/)" if encoder.zimage_layout else "plain",
-            "dimension": self.dimension,
-            "version": self.version,
-            "device": self.device,
-            "dtype": str(encoder.dtype).removeprefix("torch."),
             "recipe": {
-                "template": encoder.template,
-                "layer": self.settings.layer,
-                "hidden_states_index": encoder.hidden_index,
+                **vars(encoder.recipe),
                 "layers_run": encoder.hidden_index,
                 "num_layers": encoder.num_layers,
-                "pooling": encoder.pooling,
-                "max_length": encoder.max_length,
-                "truncation": f"texts longer than {encoder.max_length} tokens (after the template) are truncated",
+                "truncation": f"texts longer than {encoder.recipe.max_length} tokens (after the template) are "
+                "truncated",
                 "normalize_default": True,
             },
             "max_batch_tokens": encoder.max_batch_tokens,
@@ -241,7 +224,7 @@ class Qwen3Service(BatchedService):
 
 
 def model_name(source: str, encoder: Qwen3Encoder) -> str:
-    """ "Qwen3-4B" for Z-Image-Turbo's encoder (the seed's name), else the folder or hub name."""
+    """ "Qwen3-4B" for Z-Image-Turbo's encoder (the name the existing indexers know), else the folder or hub name."""
     if encoder.zimage_layout:
         if (encoder.dimension, encoder.num_layers) == (2560, 36):
             return "Qwen3-4B"
@@ -249,37 +232,19 @@ def model_name(source: str, encoder: Qwen3Encoder) -> str:
     return display_name(source)
 
 
-router = APIRouter()
-add_text_routes(router, "Qwen3 hidden-state embedding:")
-add_openai_route(router)
-
-
-def load_service(settings: Qwen3Settings) -> Qwen3Service:
+def load(settings: Qwen3Settings) -> Qwen3Service:
     """Resolve, load and warm up the model (runs in a thread at start-up)."""
     source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
     encoder = Qwen3Encoder(
         source,
         device,
         dtype,
-        layer=settings.layer,
-        pooling=settings.pooling,
-        template=settings.template,
-        max_length=settings.max_length,
+        settings.recipe(),
         max_batch_tokens=settings.max_batch_tokens,
         compile_model=settings.compile,
     )
     encoder.embed_texts(["warm-up"])
     return Qwen3Service(settings, encoder, describe_device(device))
-
-
-def build_app(settings: Qwen3Settings, load: Callable[[], Qwen3Service] | None = None) -> FastAPI:
-    """The FastAPI app; ``load`` replaces model loading in tests."""
-    return create_app(
-        title="Qwen3 text embeddings",
-        settings=settings,
-        load_service=load or (lambda: load_service(settings)),
-        router=router,
-    )
 
 
 def text_encoder_files(files: list[str]) -> list[str] | None:
@@ -289,11 +254,8 @@ def text_encoder_files(files: list[str]) -> list[str] | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_service(
-        Qwen3Settings, build_app, download_help=DOWNLOAD_HELP, select_files=text_encoder_files, argv=argv
-    )
-
+SERVICE = ServiceDefinition("Qwen3 text embeddings", Qwen3Settings, load, DOWNLOAD_HELP, text_encoder_files)
+build_app, main = SERVICE.build_app, SERVICE.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

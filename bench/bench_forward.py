@@ -4,7 +4,7 @@
 
 SigLIP2 so400m-512 vision tower: images/s and achieved TFLOP/s over batch sizes. Qwen3-4B (35 of 36 layers, as
 the service runs it for hidden_states[-2]): tokens/s and TFLOP/s for batches of short and long texts. The peak is
-the dense bf16 matmul figure of the card (DESIGN.md uses ~800 TFLOP/s for an H100). ``--layers N`` shrinks both
+the dense bf16 matmul figure of the card (~800 TFLOP/s for an H100 SXM). ``--layers N`` shrinks both
 models so the script can be smoke-tested on a CPU.
 """
 

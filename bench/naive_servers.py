@@ -1,4 +1,5 @@
-"""The naive baselines every benchmark figure is a ratio against: the seed's design.
+"""The naive baselines every benchmark figure is a ratio against: the straightforward design
+these services replaced.
 
 One request -> one reference-processor call (transformers' own image processor / tokenizer, full JPEG decode,
 padding to 512 as Z-Image does) -> one forward pass. No batching, no draft decoding, no dead-layer removal, plain

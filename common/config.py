@@ -2,12 +2,11 @@
 
 Each service's own knobs read ``<SERVICE>_NAME`` (``SIGLIP2_MODEL``, ``QWEN3_LAYER``); every knob can also be given
 for both services at once as ``EMBED_NAME`` (``EMBED_HOST``, ``EMBED_MAX_BATCH_SIZE``); the service prefix wins.
-``FORCE_CPU=1`` is read as it is (the German seed's name).
+``FORCE_CPU=1`` is read as it is, unprefixed: the name the Quadux SigLIP API uses, which existing deployments set.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
@@ -21,10 +20,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-logger = logging.getLogger(__name__)
-
 Device = Literal["auto", "cuda", "cpu", "mps"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
+Modality = Literal["image", "text"]
 
 MB = 1024 * 1024
 
@@ -40,6 +38,8 @@ class ServiceSettings(BaseSettings):
     )
     # Prefix of the service's own environment variables, e.g. "SIGLIP2_".
     service_env_prefix: ClassVar[str] = ""
+    # Which inputs the service embeds: decides which routes it mounts and what its model accepts.
+    modalities: ClassVar[tuple[Modality, ...]] = ("text",)
 
     model: str = Field(description="model folder or hub id")
     port: int = Field(ge=1, le=65535, description="TCP port")
@@ -90,7 +90,9 @@ class ServiceSettings(BaseSettings):
 
 
 class ImageLimits(BaseSettings):
-    """Mixin for services that take images."""
+    """Mixin for services that take images (and text in the same space)."""
+
+    modalities: ClassVar[tuple[Modality, ...]] = ("image", "text")
 
     max_image_bytes: int = Field(50 * MB, ge=1, description="bytes of one encoded image")
     max_image_pixels: int = Field(
@@ -110,7 +112,7 @@ SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
 
 def default_model(local_path: str, hub_id: str) -> str:
-    """The seed's local folder when it exists, otherwise the hub id."""
+    """The conventional local folder (where existing deployments keep the weights) when it exists, else the hub id."""
     return local_path if Path(local_path).is_dir() else hub_id
 
 

@@ -19,9 +19,18 @@ logger = logging.getLogger(__name__)
 
 
 class EmbedError(Exception):
+    """The base of every error a client is answered with: its HTTP status, OpenAI-style type and our code. A subclass
+    names what differs: ``class QueueFull(EmbedError, status=429, type="rate_limit_error", code="queue_full")``."""
+
     status = 500
     type = "server_error"
     code = "internal_error"
+
+    def __init_subclass__(cls, *, status: int | None = None, type: str | None = None, code: str | None = None) -> None:
+        super().__init_subclass__()
+        cls.status = status or cls.status
+        cls.type = type or cls.type
+        cls.code = code or cls.code
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -29,72 +38,48 @@ class EmbedError(Exception):
         self.headers = headers
 
 
-class InvalidInput(EmbedError):
-    status = 400
-    type = "invalid_request_error"
-    code = "invalid_input"
+# 400: the input itself is wrong.
+class InvalidInput(EmbedError, status=400, type="invalid_request_error", code="invalid_input"): ...
 
 
-class InvalidImage(InvalidInput):
-    code = "invalid_image"
+class InvalidImage(InvalidInput, code="invalid_image"): ...
 
 
-class UnsupportedImage(InvalidInput):
-    code = "unsupported_image"
+class UnsupportedImage(InvalidInput, code="unsupported_image"): ...
 
 
-class InvalidRequestBody(EmbedError):
+class UnsupportedInput(InvalidInput, code="unsupported_input"):
+    """An input kind the model does not read (an image sent to a text-only service)."""
+
+
+class InvalidRequestBody(EmbedError, status=422, type="invalid_request_error", code="invalid_request"):
     """The body does not match the route's schema (wrong types, missing fields, invalid JSON)."""
 
-    status = 422
-    type = "invalid_request_error"
-    code = "invalid_request"
+
+class PayloadTooLarge(EmbedError, status=413, type="invalid_request_error", code="payload_too_large"): ...
 
 
-class PayloadTooLarge(EmbedError):
-    status = 413
-    type = "invalid_request_error"
-    code = "payload_too_large"
+class ImageTooLarge(PayloadTooLarge, code="image_too_large"): ...
 
 
-class ImageTooLarge(PayloadTooLarge):
-    code = "image_too_large"
+class TooManyItems(PayloadTooLarge, code="too_many_items"): ...
 
 
-class TooManyItems(PayloadTooLarge):
-    code = "too_many_items"
+class Unauthorized(EmbedError, status=401, type="authentication_error", code="invalid_api_key"): ...
 
 
-class Unauthorized(EmbedError):
-    status = 401
-    type = "authentication_error"
-    code = "invalid_api_key"
+class QueueFull(EmbedError, status=429, type="rate_limit_error", code="queue_full"): ...
 
 
-class QueueFull(EmbedError):
-    status = 429
-    type = "rate_limit_error"
-    code = "queue_full"
+# 503: the service cannot answer now; a client retries after Retry-After.
+class RequestTimeout(EmbedError, status=503, code="timeout"): ...
 
 
-class RequestTimeout(EmbedError):
-    status = 503
-    type = "server_error"
-    code = "timeout"
-
-
-class OutOfMemory(EmbedError):
+class OutOfMemory(EmbedError, status=503, code="out_of_memory"):
     """A single item did not fit in device memory even alone."""
 
-    status = 503
-    type = "server_error"
-    code = "out_of_memory"
 
-
-class NotReady(EmbedError):
-    status = 503
-    type = "server_error"
-    code = "not_ready"
+class NotReady(EmbedError, status=503, code="not_ready"): ...
 
 
 def error_body(message: str, type_: str, code: str) -> dict[str, dict[str, str]]:

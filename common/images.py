@@ -19,6 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.config import limit_hint
 from common.errors import ImageTooLarge, InvalidImage, UnsupportedImage
+from common.formats import ALLOWED_FORMATS, sniff_image_type
+from common.formats import DESCRIPTION as FORMATS_DESCRIPTION
 
 try:  # HEIC/HEIF/AVIF from phones, where the wheel is available
     import pillow_heif
@@ -30,13 +32,9 @@ except ImportError:  # pragma: no cover - pillow-heif is in requirements.txt
 # Our own pixel limit (ImageSpec.max_pixels) replaces PIL's global one, which would reject real panoramas.
 Image.MAX_IMAGE_PIXELS = None
 
-# The formats a photo library holds. PIL can open many more (EPS would even run Ghostscript on the upload), and
-# each one is attack surface: everything else is 400 unsupported_image.
+# PIL can open many more formats than a photo library holds (EPS would even run Ghostscript on the upload), and
+# each one is attack surface: only ALLOWED_FORMATS are opened, everything else is 400 unsupported_image.
 # (Multi-picture JPEGs from cameras open through the JPEG opener and report the format "MPO".)
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
-# Leading bytes of those formats: a file that starts like one but does not open is a broken image, not an
-# unsupported one (e.g. a PNG header that says 0 x 0 pixels).
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 # Register every plugin now: Image.open(formats=...) looks the names up without loading plugins itself.
 Image.init()
@@ -56,10 +54,6 @@ class ImageSpec:
     max_pixels: int
     # Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale, staying at least 2x the target size.
     jpeg_draft: bool = True
-
-
-def is_image_data_uri(text: str) -> bool:
-    return text[:11].lower() == "data:image/"
 
 
 def decode_base64_image(text: str, max_bytes: int) -> bytes:
@@ -130,35 +124,17 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image.Image:
             ImageOps.exif_transpose(image, in_place=True)  # a copy would cost as much as the decode
             return _to_rgb(image)
     except UnidentifiedImageError:
-        if _looks_like_supported_format(data):
+        # A file that starts like an accepted format but does not open is a broken image, not an unsupported one
+        # (e.g. a PNG header that says 0 x 0 pixels).
+        if sniff_image_type(data) is not None:
             raise InvalidImage(
                 "image could not be decoded (the header is invalid, e.g. zero width or height)"
             ) from None
-        raise UnsupportedImage(
-            "not an image in a supported format (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC, AVIF)"
-        ) from None
+        raise UnsupportedImage(f"not an image in a supported format ({FORMATS_DESCRIPTION})") from None
     except (ImageTooLarge, InvalidImage):
         raise
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, MemoryError) as exc:
         raise InvalidImage(f"image could not be decoded ({type(exc).__name__}: truncated or corrupt?)") from None
-
-
-def _looks_like_supported_format(data: bytes) -> bool:
-    if data.startswith(_SIGNATURES):
-        return True
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return True
-    # ISO base media (HEIC, HEIF, AVIF): a "ftyp" box first, its brand says which.
-    return data[4:8] == b"ftyp" and data[8:12] in (
-        b"heic",
-        b"heix",
-        b"heim",
-        b"heis",
-        b"mif1",
-        b"msf1",
-        b"avif",
-        b"avis",
-    )
 
 
 def resize_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
@@ -179,5 +155,5 @@ def prepare_encoded_image(item: bytes | str, spec: ImageSpec, max_bytes: int) ->
 
 
 def prepare_image(data: bytes, spec: ImageSpec) -> np.ndarray:
-    """What the thread pool runs for one image: decode, orient, convert, resize."""
+    """One image file's bytes -> the model's input: decode, orient, convert, resize."""
     return resize_image(decode_image(data, spec), spec)

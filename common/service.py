@@ -1,18 +1,23 @@
-"""What both services' loaded state has in common: one GPU worker thread, micro-batchers on it, input checks."""
+"""The shared half of every loaded model: one worker thread for the model, micro-batchers feeding it, input checks
+done once per request, and the text and OpenAI-input paths both services share. A model's own service class adds
+what is specific to it (images, pair probabilities, details for /info)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from common.batching import MicroBatcher
-from common.config import ServiceSettings, limit_hint
-from common.errors import InvalidRequestBody, OutOfMemory, PayloadTooLarge, TooManyItems
+from common.config import Modality, ServiceSettings, limit_hint
+from common.contract import EncodedImage, ModelInfo
+from common.errors import InvalidRequestBody, OutOfMemory, PayloadTooLarge, TooManyItems, UnsupportedInput
+from common.formats import is_image_data_uri
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +29,37 @@ Out = TypeVar("Out")
 FAILURES_BEFORE_UNHEALTHY = 3
 
 
-class BatchedService:
-    """Owns the model's single worker thread (one forward pass at a time) and the batchers that feed it."""
+class TextEncoder(Protocol):
+    """The pure batch methods of an encoder that reads text (every model here does)."""
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    dimension: int
+    dtype: torch.dtype
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> int: ...
+
+
+class BatchedService:
+    """Satisfies ``common.contract.EmbeddingModel``; a model that reads images adds them in its subclass."""
+
+    def __init__(
+        self, settings: ServiceSettings, encoder: TextEncoder, *, model_name: str, version: str, device: str
+    ) -> None:
         self.settings = settings
+        self.modalities: tuple[Modality, ...] = settings.modalities
+        self.text_encoder = encoder
+        self.model_name = model_name
+        self.dimension = encoder.dimension
+        self.version = version
+        self.device = device
         self.model_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.batchers: list[MicroBatcher[Any, Any]] = []
-        # False once the device keeps failing: /health turns 503 so a supervisor restarts the process.
         self.healthy = True
         self._failures_in_a_row = 0
+        self.text_batcher: MicroBatcher[str, np.ndarray] = self.make_batcher(encoder.embed_texts, "texts")
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def make_batcher(
         self, run_batch: Callable[[list[In]], Sequence[Out] | np.ndarray], name: str
@@ -88,6 +114,26 @@ class BatchedService:
             await batcher.stop()
         self.model_worker.shutdown(wait=True)
 
+    # -- what the model says about itself -----------------------------------------------------------------------
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            model=self.model_name,
+            model_path=self.settings.model,
+            dimension=self.dimension,
+            version=self.version,
+            device=self.device,
+            dtype=str(self.text_encoder.dtype).removeprefix("torch."),
+            modalities=list(self.modalities),
+            **self.details(),
+        )
+
+    def details(self) -> dict[str, Any]:
+        """Model-specific keys for /info (preprocessing, recipe, ...)."""
+        return {}
+
+    # -- input checks: each runs once per request, before any heavy work ----------------------------------------
+
     def check_count(self, count: int, what: str) -> None:
         limit = self.settings.max_items_per_request
         if count > limit:
@@ -97,6 +143,9 @@ class BatchedService:
 
     def check_texts(self, texts: Sequence[str]) -> None:
         self.check_count(len(texts), "texts")
+        self._check_text_contents(texts)
+
+    def _check_text_contents(self, texts: Sequence[str]) -> None:
         limit = self.settings.max_text_chars
         for index, text in enumerate(texts):
             if len(text) > limit:
@@ -110,6 +159,64 @@ class BatchedService:
                     # A lone surrogate ("\ud800" escaped in JSON) would fail inside the tokenizer, in the model's
                     # worker, where it would count as a device failure.
                     raise InvalidRequestBody(f"text {index} is not valid Unicode (it has a lone surrogate)") from None
+
+    # -- embedding ----------------------------------------------------------------------------------------------
+
+    async def embed_texts(self, texts: Sequence[str], normalize: bool) -> np.ndarray:
+        self.check_texts(texts)
+        return await self._embed_checked_texts(texts, normalize)
+
+    async def embed_images(self, images: Sequence[EncodedImage], normalize: bool) -> np.ndarray:
+        self._require_images()
+        self.check_count(len(images), "images")
+        return await self._embed_checked_images(images, normalize)
+
+    async def embed_texts_and_images(
+        self, texts: Sequence[str], images: Sequence[EncodedImage]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Both lists at once (texts checked before any image is decoded), L2-normalised, for cross-modal scores."""
+        self._require_images()
+        self.check_texts(texts)
+        self.check_count(len(images), "images")
+        text_vectors, image_vectors = await asyncio.gather(
+            self._embed_checked_texts(texts, True), self._embed_checked_images(images, True)
+        )
+        return text_vectors, image_vectors
+
+    async def embed_inputs(self, inputs: Sequence[str], normalize: bool) -> tuple[np.ndarray, int]:
+        """The OpenAI route: on a model that reads images, data:image/... URIs are images; everything else is text.
+        Returns the vectors in input order and the number of text tokens the model read."""
+        self.check_count(len(inputs), "inputs")
+        takes_images = "image" in self.modalities
+        image_rows = [i for i, item in enumerate(inputs) if takes_images and is_image_data_uri(item)]
+        text_rows = sorted(set(range(len(inputs))) - set(image_rows))
+        texts = [inputs[i] for i in text_rows]
+        self._check_text_contents(texts)
+        vectors = np.empty((len(inputs), self.dimension), dtype=np.float32)
+        tokens = 0
+        if image_rows:
+            vectors[image_rows] = await self._embed_checked_images([inputs[i] for i in image_rows], normalize)
+        if texts:
+            vectors[text_rows], tokens = await asyncio.gather(
+                self._embed_checked_texts(texts, normalize), asyncio.to_thread(self.text_encoder.count_tokens, texts)
+            )
+        return vectors, tokens
+
+    def pair_probabilities(self, cosine: np.ndarray) -> np.ndarray:
+        self._require_images()
+        raise NotImplementedError  # models that read images override this
+
+    async def _embed_checked_texts(self, texts: Sequence[str], normalize: bool) -> np.ndarray:
+        return stack_rows(await self.text_batcher.submit(list(texts)), normalize)
+
+    async def _embed_checked_images(self, images: Sequence[EncodedImage], normalize: bool) -> np.ndarray:
+        raise NotImplementedError  # models that read images override this
+
+    def _require_images(self) -> None:
+        if "image" not in self.modalities:
+            raise UnsupportedInput(
+                f"this service ({self.model_name}) embeds text only; send images to an image service"
+            )
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.config import load_settings
-from common.device import pick_device, pick_dtype
+from common.loading import pick_device, pick_dtype
 from siglip2_embed import HUB_ID, Siglip2Settings, main
 
 

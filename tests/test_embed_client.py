@@ -7,6 +7,8 @@ import base64
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from fastapi import FastAPI
 
 import embed_client
 from embed_client import EmbedClient, ServiceError, ServiceUnreachable, index_folder, main, split_requests
-from siglip2_embed import Siglip2Settings, build_app, load_service
+from siglip2_embed import Siglip2Settings, build_app, load
 from tests.conftest import image_bytes, photo_like
 
 KEY = "test-key"
@@ -165,7 +167,7 @@ def test_retries_while_the_model_loads(settings: Siglip2Settings) -> None:
 
     def slow_load() -> Any:
         time.sleep(0.5)
-        return load_service(settings)
+        return load(settings)
 
     with serve_in_thread(build_app(settings, load=slow_load), wait_ready=False) as url:
         assert requests.get(url + "/health", timeout=5).status_code == 503
@@ -310,6 +312,14 @@ def test_falls_back_to_native_routes_on_404(scripted: ScriptedServer) -> None:
     assert scripted.posts == ["/v1/embeddings", "/embed/texts", "/embed/texts", "/embed/texts"]
 
 
+def test_the_client_imports_without_the_indexers_dependencies() -> None:
+    """A program that only embeds installs requests and numpy: pyarrow and tqdm load with the indexer, on first use."""
+    code = "import sys; sys.modules['pyarrow'] = sys.modules['tqdm'] = None; from embed_client import EmbedClient"
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_split_requests_by_count_and_bytes() -> None:
     assert split_requests([1] * 5, 2, 100) == [range(0, 2), range(2, 4), range(4, 5)]
     assert split_requests([60, 60, 10, 200, 5], 10, 100) == [range(0, 1), range(1, 3), range(3, 4), range(4, 5)]
@@ -427,7 +437,7 @@ def test_a_crash_while_merging_keeps_the_old_file(
             raise OSError("disk full")
         real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(pq, "write_table", crash_on_merge)  # the module embed_client writes through
+    monkeypatch.setattr(pq, "write_table", crash_on_merge)  # the module embed_client.indexer writes through
     with pytest.raises(OSError, match="disk full"):
         index_folder(root, out, client, progress=False)
     monkeypatch.undo()

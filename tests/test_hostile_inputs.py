@@ -578,7 +578,7 @@ def test_exif_orientation_is_applied(image_client: TestClient) -> None:
     ids=["images-json", "images-multipart", "texts", "v1"],
 )
 def test_ten_thousand_items_are_rejected_before_any_work(image_client: TestClient, call: Call) -> None:
-    service = image_client.app.state.runtime.service  # type: ignore[attr-defined]
+    service = image_client.app.state.runtime.model  # type: ignore[attr-defined]
     before = sum(batcher.queue_depth for batcher in service.batchers)
     started = time.perf_counter()
     assert_error(call(image_client), 413, "too_many_items")

@@ -68,7 +68,7 @@ def image_app(
 
     def load() -> Siglip2Service:
         encoder = Siglip2Encoder(str(model), CPU, torch.float32)
-        encoder.embed_texts(["warm-up"])  # as load_service does, before any wrapper
+        encoder.embed_texts(["warm-up"])  # as load does, before any wrapper
         if wrap_images is not None:
             encoder.embed_images = wrap_images(encoder.embed_images)  # type: ignore[method-assign]
         if wrap_texts is not None:
@@ -255,7 +255,7 @@ def test_full_queue_is_an_immediate_429_with_retry_after(tiny_siglip: Path) -> N
     release = threading.Event()
     app = image_app(tiny_siglip, wrap_texts=blocking(release), max_batch_size=1, max_batch_wait_ms=0, max_queue_items=3)
     with serving(app) as client:
-        service = app.state.runtime.service
+        service = app.state.runtime.model
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(client.post, "/embed/texts", json={"texts": ["a", "b", "c"]})
             deadline = time.monotonic() + 10

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from common.config import load_settings
-from qwen3_embed import Qwen3Settings, build_app, embedding_version, main
+from qwen3_embed import Qwen3Settings, build_app, main
 from tests.conftest import ready_client
 from tests.test_siglip_http import assert_error
 
@@ -87,10 +87,10 @@ def test_version_names_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QWEN3_POOLING", "last")
     settings = load_settings(Qwen3Settings, ["--layer", "-1", "--template", "none", "--model", "/m"])
     assert (settings.layer, settings.pooling, settings.template) == (-1, "last", "none")
-    assert embedding_version(settings) == "1.0+layer=-1,pooling=last,template=none"
+    assert settings.recipe().version() == "1.0+layer=-1,pooling=last,template=none"
     monkeypatch.delenv("QWEN3_POOLING")
-    assert embedding_version(Qwen3Settings(model="/m")) == "1.0"
-    assert embedding_version(Qwen3Settings(model="/m", max_length=256)) == "1.0+max_length=256"
+    assert Qwen3Settings(model="/m").recipe().version() == "1.0"
+    assert Qwen3Settings(model="/m", max_length=256).recipe().version() == "1.0+max_length=256"
 
 
 def test_plain_qwen3_folder_serves_embedding_recipe(tiny_qwen3: Path) -> None:

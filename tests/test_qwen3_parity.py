@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModel, AutoTokenizer
 
-from qwen3_embed import Pooling, Qwen3Encoder, Qwen3Settings, Template, build_app
+from qwen3_embed import Pooling, Qwen3Encoder, Qwen3Recipe, Qwen3Settings, Template, build_app
 from tests.conftest import ready_client
 
 MIN_COSINE = 0.9999
@@ -57,8 +58,10 @@ def cosines(actual: object, expected: np.ndarray) -> np.ndarray:
     return np.sum(got / np.linalg.norm(got, axis=-1, keepdims=True) * expected, axis=-1)
 
 
-def encoder(root: Path, **options: object) -> Qwen3Encoder:
-    return Qwen3Encoder(str(root), torch.device("cpu"), torch.float32, **options)  # type: ignore[arg-type]
+def encoder(root: Path, max_batch_tokens: int = 16384, **recipe: Any) -> Qwen3Encoder:
+    return Qwen3Encoder(
+        str(root), torch.device("cpu"), torch.float32, Qwen3Recipe(**recipe), max_batch_tokens=max_batch_tokens
+    )
 
 
 @pytest.fixture(scope="module")

@@ -202,7 +202,7 @@ def test_log_file_is_rotated_with_a_size_cap(tmp_path: Path) -> None:
     # In a child process: configure_logging replaces the root handlers, which would disturb pytest's own.
     log_file = tmp_path / "logs" / "svc.log"
     program = (
-        "import logging, common.logs as logs\n"
+        "import logging, common.server as logs\n"
         "logs.LOG_FILE_BYTES = 2000\n"
         f"logs.configure_logging('info', {str(log_file)!r})\n"
         "for i in range(500): logging.getLogger('test').info('request %d %s', i, 'x' * 50)\n"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from siglip2_embed import Siglip2Service, Siglip2Settings, build_app, load_service
+from siglip2_embed import Siglip2Service, Siglip2Settings, build_app, load
 from tests.conftest import image_bytes, photo_like, ready_client, wait_ready
 
 JPEG = image_bytes(photo_like(64, 48, seed=1), "JPEG")
@@ -162,7 +162,7 @@ def test_health_is_503_while_loading_then_200(tiny_siglip: Path) -> None:
 
     def slow_load() -> Siglip2Service:
         assert release.wait(30)
-        return load_service(config)
+        return load(config)
 
     with TestClient(build_app(config, load=slow_load)) as client:
         loading = client.get("/health")

@@ -1,0 +1,263 @@
+"""The app factory both services use: the lifespan (load the model in a thread, then serve), ``/health``,
+``/info``, ``/metrics``, the error envelope, request ids, the access log, the body limit and the optional API key.
+
+A service passes a ``load`` callable (runs in a thread, returns an ``EmbeddingModel``) and the routers of the
+inputs it embeds. Routes reach the loaded model through the ``Model`` dependency, which answers 503 while the model
+is still loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal, TypedDict
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+
+from common.api.middleware import AccessLog, BodySizeLimit
+from common.api.schemas import ERROR_RESPONSES, FastJSONResponse
+from common.config import ServiceSettings
+from common.contract import EmbeddingModel, ModelInfo
+from common.errors import NotReady, Unauthorized, install_error_handlers
+from common.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+SERVICE_VERSION = "0.1.0"
+
+Status = Literal["loading", "ok", "unhealthy"]
+
+
+class FormLimits(TypedDict, total=False):
+    """The limits Starlette's multipart parser takes (``Request.form(**limits)``, ``include_router(form_limits=)``)."""
+
+    max_files: int
+    max_fields: int
+    max_part_size: int
+
+
+class Runtime:
+    """The app's mutable state: loading -> ok (or unhealthy), and the loaded model."""
+
+    def __init__(self, settings: ServiceSettings, load: Callable[[], EmbeddingModel]) -> None:
+        self.settings = settings
+        self._load = load
+        self.metrics = Metrics()
+        self._loaded: Status = "loading"
+        self.model: EmbeddingModel | None = None
+        self.load_seconds: float | None = None
+        # Called when loading fails; the server uses it to stop with a non-zero exit.
+        self.on_load_failure: Callable[[], None] | None = None
+
+    @property
+    def status(self) -> Status:
+        if self._loaded == "ok" and self.model is not None and not self.model.healthy:
+            return "unhealthy"  # the device keeps failing
+        return self._loaded
+
+    async def load(self) -> None:
+        # A lifespan can run more than once per app (test harnesses do): start from scratch each time.
+        self._loaded, self.model = "loading", None
+        started = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(self._load)
+            for batcher in model.batchers:
+                batcher.observer = self.metrics.observe_batch
+                self.metrics.watch_queue(batcher.name, lambda b=batcher: b.queue_depth)  # type: ignore[misc]
+            await model.start()
+        except Exception:
+            logger.exception("loading the model failed")
+            self._loaded = "unhealthy"
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+            return
+        self.load_seconds = time.perf_counter() - started
+        self.metrics.load_seconds.set(self.load_seconds)
+        self.metrics.watch_gpu_memory()
+        self.model = model
+        self._loaded = "ok"
+        logger.info(
+            "ready: model %s (dimension %d) on %s, loaded in %.1f s",
+            model.model_name,
+            model.dimension,
+            model.device,
+            self.load_seconds,
+        )
+
+
+# -- dependencies -----------------------------------------------------------------------------------------------
+
+
+def runtime_of(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def ready_model(request: Request) -> EmbeddingModel:
+    """The loaded model, or 503 while loading."""
+    runtime = runtime_of(request)
+    if runtime.model is None or runtime.status != "ok":
+        raise NotReady(f"model is {runtime.status}; retry when GET /health answers 200", headers={"Retry-After": "5"})
+    return runtime.model
+
+
+Model = Annotated[EmbeddingModel, Depends(ready_model)]
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer token check when EMBED_API_KEY is set; constant-time compare."""
+    expected = runtime_of(request).settings.api_key
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    # An empty token never passes, not even against an empty key (EMBED_API_KEY= set but blank).
+    if (
+        scheme.lower() != "bearer"
+        or not token
+        or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode())
+    ):
+        raise Unauthorized(
+            "missing or wrong API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def form_limits(settings: ServiceSettings) -> FormLimits:
+    """Multipart parsing stops at the first file or field past the item limit (413), before reading the rest."""
+    return {
+        "max_files": settings.max_items_per_request + 1,
+        "max_fields": settings.max_items_per_request + 16,
+        "max_part_size": settings.max_body_bytes,
+    }
+
+
+# -- /health, /info, /metrics -----------------------------------------------------------------------------------
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_batch_wait_ms: float
+
+
+class ServiceState(BaseModel):
+    """What /info reports in any state."""
+
+    status: Status
+    service_version: str
+    batching: BatchingInfo
+    limits: dict[str, int | float]
+
+
+class ServiceInfo(ModelInfo, ServiceState):
+    """/info once the model is loaded: the service's state and what the model says about itself."""
+
+    load_seconds: float
+
+
+def limits_of(settings: ServiceSettings) -> dict[str, int | float]:
+    """Every max_* setting but the batching ones, and the request timeout."""
+    limits = {name: value for name, value in settings.model_dump().items() if name.startswith("max_")}
+    limits["request_timeout_s"] = settings.request_timeout_s
+    return {name: value for name, value in limits.items() if "batch" not in name}
+
+
+service_router = APIRouter(tags=["service"])
+
+
+@service_router.get("/health")
+async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
+    """200 only when a request would be served; 503 "loading" or "unhealthy" otherwise. Never needs a key."""
+    model = runtime.model
+    if runtime.status != "ok" or model is None:
+        return JSONResponse({"status": runtime.status}, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse(
+        {
+            "status": "ok",
+            "model": model.model_name,
+            "version": model.version,
+            "dimension": model.dimension,
+            "device": model.device,
+        }
+    )
+
+
+@service_router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(runtime: Annotated[Runtime, Depends(runtime_of)]) -> Response:
+    """Prometheus text: requests, errors, latency, batch sizes, queue depth and wait, load time, GPU memory."""
+    return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@service_router.get(
+    "/info", dependencies=[Depends(require_api_key)], response_model=ServiceInfo | ServiceState, responses={401: {}}
+)
+async def info(runtime: Annotated[Runtime, Depends(runtime_of)]) -> ServiceInfo | ServiceState:
+    """Model, dimension, which inputs it embeds, device, dtype, batching and limits, the recipe, versions."""
+    settings = runtime.settings
+    state = ServiceState(
+        status=runtime.status,
+        service_version=SERVICE_VERSION,
+        batching=BatchingInfo(max_batch_size=settings.max_batch_size, max_batch_wait_ms=settings.max_batch_wait_ms),
+        limits=limits_of(settings),
+    )
+    if runtime.model is None:
+        return state
+    return ServiceInfo(
+        **state.model_dump(), **runtime.model.info().model_dump(), load_seconds=round(runtime.load_seconds or 0.0, 3)
+    )
+
+
+# -- the factory ------------------------------------------------------------------------------------------------
+
+
+def create_app(
+    *, title: str, settings: ServiceSettings, load: Callable[[], EmbeddingModel], routers: Sequence[APIRouter]
+) -> FastAPI:
+    runtime = Runtime(settings, load)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Serve /health ("loading") at once; the model loads in the background.
+        loading = asyncio.create_task(runtime.load(), name="load-model")
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            if runtime.model is not None:
+                await runtime.model.stop()
+
+    app = FastAPI(title=title, version=SERVICE_VERSION, lifespan=lifespan, default_response_class=FastJSONResponse)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
+    app.add_middleware(AccessLog, metrics=runtime.metrics)  # outermost: sees every response, 413s included
+    runtime.metrics.ready.set_function(lambda: 1.0 if runtime.status == "ok" else 0.0)
+
+    app.include_router(service_router)
+    limits = form_limits(settings)
+    for router in routers:
+        app.include_router(
+            router,
+            dependencies=[Depends(require_api_key)],
+            responses=ERROR_RESPONSES,
+            form_limits=limits,
+        )
+    return app

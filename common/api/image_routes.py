@@ -1,0 +1,186 @@
+"""The image routes, mounted on services whose model reads images: single and batch embedding (multipart uploads,
+or base64 in JSON as clients of the Quadux SigLIP API send it) and the cross-modal ``/similarity`` and ``/rank``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import UploadFile as StarletteUploadFile
+
+from common.api.app import Model, form_limits
+from common.api.schemas import (
+    EmbeddingResponse,
+    EmbeddingsResponse,
+    EmbedImageBase64Request,
+    EmbedImagesBase64Request,
+    FastJSONResponse,
+    embedding_reply,
+)
+from common.contract import EmbeddingModel, EncodedImage
+from common.errors import InvalidRequestBody
+
+router = APIRouter()
+
+# FastAPI's own reading of a boolean form field, for the route that parses its form by hand.
+_FORM_BOOL = TypeAdapter(bool)
+
+
+def form_bool(value: object, name: str, default: bool) -> bool:
+    if value is None:
+        return default
+    try:
+        return _FORM_BOOL.validate_python(value)
+    except ValidationError as exc:
+        raise RequestValidationError([{**err, "loc": ("body", name)} for err in exc.errors()]) from None
+
+
+async def read_uploads(files: Sequence[StarletteUploadFile]) -> list[bytes]:
+    return [await file.read() for file in files]
+
+
+@router.post("/embed/image", response_model=EmbeddingResponse, tags=["images"])
+async def embed_image(
+    request: Request,
+    model: Model,
+    file: UploadFile = File(description="an image file"),
+    normalize: bool = Form(True),
+) -> FastJSONResponse:
+    """One image as multipart ``file`` -> ``embedding``."""
+    vectors = await model.embed_images([await file.read()], normalize)
+    return embedding_reply(model, request, vectors, single=True)
+
+
+@router.post("/embed/image/base64", response_model=EmbeddingResponse, tags=["images"])
+async def embed_image_base64(request: Request, body: EmbedImageBase64Request, model: Model) -> FastJSONResponse:
+    """``{"image_base64": "..."}`` (raw base64 or data URI) -> ``embedding``."""
+    vectors = await model.embed_images([body.image_base64], body.normalize)
+    return embedding_reply(model, request, vectors, single=True)
+
+
+# /embed/images reads its body by hand (multipart or JSON): its two body forms, for the OpenAPI schema.
+_IMAGES_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "normalize": {"type": "boolean", "default": True},
+                    },
+                }
+            },
+            "application/json": {"schema": EmbedImagesBase64Request.model_json_schema()},
+        },
+    }
+}
+
+
+@router.post("/embed/images", response_model=EmbeddingsResponse, tags=["images"], openapi_extra=_IMAGES_BODY_DOC)
+async def embed_images(request: Request, model: Model) -> FastJSONResponse:
+    """Repeated multipart ``files`` (optional form ``normalize``), or JSON ``{"images_base64": [...]}`` ->
+    ``embeddings`` in input order."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    images: Sequence[EncodedImage]
+    if content_type == "multipart/form-data":
+        form = await request.form(**form_limits(model.settings))
+        files = [item for item in form.getlist("files") if isinstance(item, StarletteUploadFile)]
+        if not files:
+            raise InvalidRequestBody("files: send one or more images as repeated multipart fields named 'files'")
+        normalize = form_bool(form.get("normalize"), "normalize", default=True)
+        images = await read_uploads(files)
+    elif content_type != "application/json" and not content_type.endswith("+json"):
+        raise InvalidRequestBody(
+            f"Content-Type {content_type or 'missing'}: send multipart/form-data 'files' or application/json "
+            '{"images_base64": [...]}'
+        )
+    else:
+        try:
+            body = EmbedImagesBase64Request.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        images, normalize = body.images_base64, body.normalize
+    vectors = await model.embed_images(images, normalize)
+    return embedding_reply(model, request, vectors, single=False)
+
+
+def parse_texts(values: Sequence[str]) -> list[str]:
+    """Clients of the Quadux SigLIP API send one field holding a JSON array; repeated plain fields work too."""
+    texts: list[str] = []
+    for value in values:
+        stripped = value.strip()
+        if stripped.startswith("["):
+            try:
+                parsed = json.loads(stripped)
+            except json.JSONDecodeError:
+                raise InvalidRequestBody("texts: not a valid JSON array of strings") from None
+            if not isinstance(parsed, list) or not all(isinstance(t, str) for t in parsed):
+                raise InvalidRequestBody("texts: expected a JSON array of strings")
+            texts.extend(parsed)
+        else:
+            texts.append(value)
+    if not texts or any(not t for t in texts):
+        raise InvalidRequestBody("texts: give one or more non-empty texts")
+    return texts
+
+
+async def cosine_matrix(model: EmbeddingModel, texts: list[str], files: Sequence[StarletteUploadFile]) -> np.ndarray:
+    """Texts x images cosine similarities."""
+    text_vectors, image_vectors = await model.embed_texts_and_images(texts, await read_uploads(files))
+    return text_vectors @ image_vectors.T
+
+
+@router.post("/similarity", tags=["cross-modal"])
+async def similarity(
+    request: Request,
+    model: Model,
+    files: list[UploadFile] = File(description="images"),
+    texts: list[str] = Form(description='a JSON array string such as ["a cat", "a dog"], or repeated fields'),
+) -> FastJSONResponse:
+    """Texts x images: ``similarities`` (the model's pair probabilities) and ``cosine``, one row per text."""
+    parsed = parse_texts(texts)
+    cosine = await cosine_matrix(model, parsed, files)
+    request.state.items = len(files) + len(parsed)
+    return FastJSONResponse(
+        {
+            "similarities": model.pair_probabilities(cosine),
+            "cosine": cosine,
+            "texts": parsed,
+            "filenames": [file.filename for file in files],
+            "model": model.model_name,
+            "version": model.version,
+        }
+    )
+
+
+@router.post("/rank", tags=["cross-modal"])
+async def rank(
+    request: Request,
+    model: Model,
+    files: list[UploadFile] = File(description="images to rank"),
+    query: str = Form(min_length=1, description="the text to rank the images by"),
+) -> FastJSONResponse:
+    """Images ranked by a text query, best first."""
+    cosine = (await cosine_matrix(model, [query], files))[0]
+    scores = model.pair_probabilities(cosine)
+    order = np.argsort(-cosine, kind="stable")
+    request.state.items = len(files) + 1
+    rankings = [
+        {
+            "index": int(index),
+            "filename": files[index].filename,
+            "score": float(scores[index]),
+            "cosine": float(cosine[index]),
+            "rank": position + 1,
+        }
+        for position, index in enumerate(order)
+    ]
+    return FastJSONResponse({"query": query, "rankings": rankings, "model": model.model_name, "version": model.version})

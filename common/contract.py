@@ -1,0 +1,92 @@
+"""The one contract a loaded model satisfies: what the routes, the batching metrics, the app factory and the tests
+rely on, whatever the model is.
+
+A model states which inputs it embeds (``modalities``); asking it for another kind is a 400, never a silent
+misuse (a data URI embedded as text, say). The encoder classes behind it stay pure (batch in, numpy out; no HTTP,
+no asyncio); the class that satisfies this contract adds the asyncio side: batching, decoding, input checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.batching import MicroBatcher
+from common.config import Modality, ServiceSettings
+
+# Raw base64 or a data:image/... URI (JSON routes), or the bytes of an uploaded file (multipart routes).
+EncodedImage = bytes | str
+
+
+class ModelInfo(BaseModel):
+    """What a loaded model says about itself in ``GET /info``. Model-specific details (the image preprocessing,
+    the text recipe, ...) are extra keys beside these."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="the model's display name; with version, it names the embedding space")
+    model_path: str = Field(description="the folder or hub id it was loaded from")
+    dimension: int = Field(description="length of every vector")
+    version: str = Field(description="embedding-space version: vectors are comparable only with equal model+version")
+    device: str
+    dtype: str
+    modalities: list[Modality] = Field(description="which inputs this service embeds")
+
+
+class EmbeddingModel(Protocol):
+    """A loaded model behind the HTTP routes."""
+
+    model_name: str
+    dimension: int
+    version: str
+    device: str
+    # Which inputs it embeds (its settings class says which).
+    modalities: tuple[Modality, ...]
+    # False once the device keeps failing: /health turns 503 so a supervisor restarts the process.
+    healthy: bool
+    # Every batcher that feeds the model, so the app can export their queue depths and batch sizes.
+    batchers: list[MicroBatcher[Any, Any]]
+
+    @property
+    def settings(self) -> ServiceSettings:
+        """The limits the routes enforce come from here."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def info(self) -> ModelInfo: ...
+
+    def check_count(self, count: int, what: str) -> None:
+        """413 when one request carries more items than the limit allows."""
+        ...
+
+    def check_texts(self, texts: Sequence[str]) -> None:
+        """413/422 for a text list that must not reach the model (count, length, invalid Unicode)."""
+        ...
+
+    async def embed_texts(self, texts: Sequence[str], normalize: bool) -> np.ndarray:
+        """Texts -> ``(n, dimension)`` float32 in input order."""
+        ...
+
+    async def embed_images(self, images: Sequence[EncodedImage], normalize: bool) -> np.ndarray:
+        """Encoded images -> ``(n, dimension)`` float32 in input order; 400 on a model without images."""
+        ...
+
+    async def embed_texts_and_images(
+        self, texts: Sequence[str], images: Sequence[EncodedImage]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Both at once, L2-normalised, texts checked before any image is decoded (for cross-modal scores)."""
+        ...
+
+    async def embed_inputs(self, inputs: Sequence[str], normalize: bool) -> tuple[np.ndarray, int]:
+        """The OpenAI route's inputs -> vectors in input order, and the number of tokens the model read."""
+        ...
+
+    def pair_probabilities(self, cosine: np.ndarray) -> np.ndarray:
+        """Text/image cosine similarities -> the model's match probabilities; 400 on a model without images."""
+        ...

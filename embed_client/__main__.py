@@ -1,0 +1,90 @@
+"""The command line, ``python -m embed_client index PHOTO_DIR --out vectors.parquet``: arguments, the summary it
+prints, and its exit codes (0 done, 1 service error or unreachable, 2 bad arguments, 130 interrupted)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from embed_client.client import EmbedClient, EmbedClientError
+from embed_client.indexer import IndexSummary, index_folder
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m embed_client", description="Client tools for the services.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    index = commands.add_parser(
+        "index",
+        help="embed every image in a folder tree into a parquet file (resumable)",
+        description="Embed every image under PHOTO_DIR through the image service into a parquet file with columns "
+        "path, size, mtime, model, version, vector. Reruns embed only new or changed files; an interrupted run "
+        "resumes from its checkpoints (OUT.parts/).",
+    )
+    index.add_argument("photo_dir", type=Path, metavar="PHOTO_DIR")
+    index.add_argument("--out", type=Path, required=True, help="the parquet file to write (e.g. vectors.parquet)")
+    index.add_argument("--url", default="http://127.0.0.1:6010", help="image service (default %(default)s)")
+    index.add_argument("--api-key", default=None, help="Bearer key; default: the EMBED_API_KEY environment variable")
+    index.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (default 4)")
+    index.add_argument("--chunk-size", type=_positive_int, default=None, help="images per request (default: server)")
+    index.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    index.add_argument("--retries", type=int, default=5, help="retries on 429/503/connection errors (default 5)")
+    index.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a loading model (default 300)")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _report(summary: IndexSummary, out: Path) -> None:
+    sys.stdout.write(
+        f"{out}: {summary.embedded} embedded, {summary.skipped} already indexed, {summary.removed} stale rows "
+        f"dropped, {len(summary.failed)} unreadable ({summary.files} images found)\n"
+    )
+    if summary.failed:
+        sys.stdout.write("unreadable images (not in the output; retried on the next run):\n")
+        for path, message in summary.failed:
+            sys.stdout.write(f"  {path}: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.photo_dir.is_dir():
+        sys.stderr.write(f"error: {args.photo_dir} is not a folder\n")
+        return 2
+    api_key = args.api_key or os.environ.get("EMBED_API_KEY")
+    with EmbedClient(args.url, api_key=api_key, timeout=args.timeout, max_retries=args.retries) as client:
+        try:
+            client.wait_until_ready(timeout=args.wait)
+        except EmbedClientError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 1
+        try:
+            summary = index_folder(
+                args.photo_dir,
+                args.out,
+                client,
+                concurrency=args.concurrency,
+                chunk_size=args.chunk_size,
+                progress=not args.no_progress,
+            )
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted: finished images are checkpointed; run the same command to resume\n")
+            return 130
+        except EmbedClientError as exc:
+            sys.stderr.write(f"error: {exc}\n(finished images are checkpointed; rerun the command to resume)\n")
+            return 1
+    _report(summary, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
