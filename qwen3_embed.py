@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from common.config import ServiceSettings, default_model
-from common.loading import describe_device, display_name, locate_model
+from common.loading import describe_device, display_name, locate_model, read_config
 from common.server import ServiceDefinition
 from common.service import BatchedService
 
@@ -61,7 +61,8 @@ class Qwen3Settings(ServiceSettings):
 
     model: str = Field(
         default_factory=lambda: default_model(LOCAL_PATH, HUB_ID),
-        description="Z-Image-Turbo folder (text_encoder/ + tokenizer/), a plain Qwen3 folder, or a hub id",
+        description="Z-Image-Turbo folder (text_encoder/ + tokenizer/), a plain Qwen3 folder, or a hub id "
+        f"(default: {LOCAL_PATH} if that folder exists, else {HUB_ID})",
     )
     port: int = Field(6011, ge=1, le=65535, description="TCP port")
     layer: int = Field(Qwen3Recipe.layer, description="hidden_states index: -2 = penultimate layer, -1 = final output")
@@ -101,14 +102,18 @@ class Qwen3Encoder:
         max_batch_tokens: int = 16384,
         compile_model: bool = False,
     ) -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer
 
         self.zimage_layout = _is_zimage_layout(source)
         model_dir = {"subfolder": "text_encoder"} if self.zimage_layout else {}
         tokenizer_dir = {"subfolder": "tokenizer"} if self.zimage_layout else {}
-        config = AutoConfig.from_pretrained(source, **model_dir)
-        if config.model_type != "qwen3":
-            raise ValueError(f"{source} holds a {config.model_type!r} model; this service needs a Qwen3 text model")
+        config = read_config(
+            source,
+            model_dir.get("subfolder"),
+            "qwen3",
+            "a Qwen3 text model (Z-Image-Turbo's text_encoder/ + tokenizer/, or a plain Qwen3 folder)",
+        )
+        self.source = source
         self.num_layers: int = config.num_hidden_layers
         if not -(self.num_layers + 1) <= recipe.layer <= self.num_layers:
             raise ValueError(
@@ -254,7 +259,9 @@ def text_encoder_files(files: list[str]) -> list[str] | None:
     return None
 
 
-SERVICE = ServiceDefinition("Qwen3 text embeddings", Qwen3Settings, load, DOWNLOAD_HELP, text_encoder_files)
+SERVICE = ServiceDefinition(
+    "Qwen3 text embeddings", Qwen3Settings, load, DOWNLOAD_HELP, text_encoder_files, lambda s: s.recipe().version()
+)
 build_app, main = SERVICE.build_app, SERVICE.main
 
 if __name__ == "__main__":

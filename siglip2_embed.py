@@ -24,7 +24,7 @@ from common.batching import MicroBatcher
 from common.config import ImageLimits, ServiceSettings, default_model
 from common.contract import EncodedImage
 from common.images import ImageSpec, prepare_encoded_image
-from common.loading import describe_device, display_name, locate_model
+from common.loading import describe_device, display_name, locate_model, read_config
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
 
@@ -42,7 +42,8 @@ class Siglip2Settings(ImageLimits, ServiceSettings):
     service_env_prefix: ClassVar[str] = "SIGLIP2_"
 
     model: str = Field(
-        default_factory=lambda: default_model(LOCAL_PATH, HUB_ID), description="SigLIP checkpoint folder or hub id"
+        default_factory=lambda: default_model(LOCAL_PATH, HUB_ID),
+        description=f"SigLIP checkpoint folder or hub id (default: {LOCAL_PATH} if that folder exists, else {HUB_ID})",
     )
     port: int = Field(6010, ge=1, le=65535, description="TCP port")
 
@@ -51,14 +52,15 @@ class Siglip2Encoder:
     """A SigLIP checkpoint (``model_type "siglip"``) with pure batch methods; no HTTP, no asyncio."""
 
     def __init__(self, source: str, device: torch.device, dtype: torch.dtype, compile_model: bool = False) -> None:
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, SiglipModel
+        from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
-        config = AutoConfig.from_pretrained(source)
-        if config.model_type != "siglip":
-            raise ValueError(
-                f"{source} is a {config.model_type!r} model; this service needs a fixed-resolution SigLIP/SigLIP2 "
-                "checkpoint (model_type 'siglip', e.g. google/siglip2-so400m-patch16-512)"
-            )
+        config = read_config(
+            source,
+            None,
+            "siglip",
+            f"a fixed-resolution SigLIP/SigLIP2 checkpoint (model_type 'siglip', e.g. {HUB_ID})",
+        )
+        self.source = source
         self.device = device
         self.dtype = dtype
         self.model = SiglipModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
@@ -165,6 +167,11 @@ class Siglip2Service(BatchedService):
     def details(self) -> dict[str, Any]:
         spec = self.image_spec
         return {
+            # The keys clients of the Quadux SigLIP API read: both towers project into one space of this size.
+            "text_dim": self.dimension,
+            "vision_dim": self.dimension,
+            "image_size": spec.height,
+            "cross_modal": True,
             "image": {
                 "input_size": [spec.height, spec.width],
                 "resample": spec.resample.name.lower(),
@@ -185,7 +192,9 @@ def load(settings: Siglip2Settings) -> Siglip2Service:
     return Siglip2Service(settings, encoder, describe_device(device))
 
 
-SERVICE = ServiceDefinition("SigLIP2 image and text embeddings", Siglip2Settings, load, DOWNLOAD_HELP)
+SERVICE = ServiceDefinition(
+    "SigLIP2 image and text embeddings", Siglip2Settings, load, DOWNLOAD_HELP, version_of=lambda _: EMBEDDING_VERSION
+)
 build_app, main = SERVICE.build_app, SERVICE.main
 
 if __name__ == "__main__":

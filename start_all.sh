@@ -3,7 +3,8 @@
 #   ./start_all.sh              both: siglip2 (images + text, port 6010) and qwen3 (text, port 6011)
 #   ./start_all.sh qwen3        only the one(s) named
 #   ./start_all.sh --tiny       on tiny random-weight models: meaningless vectors, only for trying the API
-# Settings come from the environment (SIGLIP2_MODEL, QWEN3_MODEL, SIGLIP2_PORT, QWEN3_PORT, EMBED_HOST, EMBED_...).
+# Settings come from the environment (SIGLIP2_MODEL, QWEN3_MODEL, SIGLIP2_PORT, QWEN3_PORT, EMBED_HOST, EMBED_...;
+# python siglip2_embed.py --help lists them). A service that already runs is kept only if it is what this start asks for.
 # Creates .venv on the first run. Logs and PID files go to $EMBED_LOG_DIR (default logs/). Stop: ./stop_all.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,7 +17,13 @@ services=()
 for arg in "$@"; do
   case $arg in
     --tiny) tiny=1 ;;
-    -h | --help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,8p' "$0"; exit 0 ;;
+    -*)
+      echo "unknown option '$arg': start_all.sh takes only --tiny and service names; settings go in environment" >&2
+      echo "variables, e.g. SIGLIP2_PORT=7000 QWEN3_PORT=7001 ./start_all.sh (SIGLIP2_*/QWEN3_* for one service," >&2
+      echo "EMBED_* for both; python siglip2_embed.py --help lists every variable)" >&2
+      exit 2
+      ;;
     *) services+=("$(check_service "$arg")") ;;
   esac
 done
@@ -52,7 +59,7 @@ build_tiny_models() {
   [ -d "$tiny_dir" ] && return
   echo "Building tiny random-weight models in $tiny_dir (once)..."
   local tmp="$tiny_dir.tmp.$$"
-  if ! "$VENV/bin/python" tests/tiny_models.py "$tmp" > "$LOG_DIR/tiny-models.log" 2>&1; then
+  if ! "$VENV/bin/python" -m tests.tiny_models "$tmp" > "$LOG_DIR/tiny-models.log" 2>&1; then
     tail -n 20 "$LOG_DIR/tiny-models.log" >&2
     rm -rf "$tmp"
     exit 1
@@ -60,7 +67,8 @@ build_tiny_models() {
   if [ -d "$tiny_dir" ]; then rm -rf "$tmp"; else mv "$tmp" "$tiny_dir"; fi  # another start may have won
 }
 
-# Start service $1 in the background, unless it already runs; its PID goes to logs/$1.pid.
+# Start service $1 in the background, unless it already runs; its PID goes to logs/$1.pid. Returns 0 when it was
+# started, 3 when the same service already runs, 1 on failure (another service of that name runs, port taken).
 start_service() {
   local name=$1 pid port
   port=$(port_of "$name")
@@ -69,8 +77,9 @@ start_service() {
       echo "$name: already running (PID $pid) on another port than $port; ./stop_all.sh $name stops it" >&2
       return 1
     fi
-    echo "$name: already running (PID $pid)"
-    return
+    # Same name and port; but is it the model, recipe and (non-)tiny weights this start asks for?
+    "$VENV/bin/python" -m scripts.running_service "$name" "$(url_of "$name")" || return 1
+    return 3
   fi
   if (: < "/dev/tcp/127.0.0.1/$port") 2> /dev/null; then
     echo "$name: port $port is already in use by another program (SIGLIP2_PORT / QWEN3_PORT choose others)" >&2
@@ -97,7 +106,8 @@ try:
         h = json.load(response)
 except Exception:
     sys.exit(1)
-sys.stdout.write(f"model={h['model']} version={h['version']} dimension={h['dimension']} device={h['device']}\n")
+tiny = "  TINY RANDOM WEIGHTS: meaningless vectors" if h.get("tiny") else ""
+sys.stdout.write(f"model={h['model']} version={h['version']} dimension={h['dimension']} device={h['device']}{tiny}\n")
 PY
 }
 
@@ -142,14 +152,24 @@ fi
 
 failed=0
 started=()
+running=0
 for name in "${services[@]}"; do
-  if start_service "$name"; then started+=("$name"); else failed=1; fi
+  status=0
+  start_service "$name" || status=$?
+  case $status in
+    0) started+=("$name") ;;
+    3) running=$((running + 1)) ;;
+    *) failed=1 ;;
+  esac
 done
 # Both load at the same time; then wait for each.
 for name in ${started[@]+"${started[@]}"}; do
-  wait_ready "$name" || failed=1
+  if wait_ready "$name"; then running=$((running + 1)); else failed=1; fi
 done
 
+if [ "$running" = 0 ]; then
+  exit 1
+fi
 if [ "$tiny" = 1 ]; then
   cat << 'EOF'
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import ClassVar, Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar, get_args, get_origin
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import (
@@ -116,10 +116,58 @@ def default_model(local_path: str, hub_id: str) -> str:
     return local_path if Path(local_path).is_dir() else hub_id
 
 
+def env_names(settings_cls: type[ServiceSettings], name: str) -> list[str]:
+    """The environment variables a setting reads, the one that wins first."""
+    field = settings_cls.model_fields[name]
+    if isinstance(field.validation_alias, AliasChoices):  # read as it is, without a prefix (FORCE_CPU)
+        return [str(choice).upper() for choice in field.validation_alias.choices]
+    return [f"{settings_cls.service_env_prefix}{name.upper()}", f"EMBED_{name.upper()}"]
+
+
+def _shown_default(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[]" if not value else ",".join(map(str, value))
+    return str(value)
+
+
+def render_help(settings_cls: type[ServiceSettings], program: str) -> str:
+    """--help: every flag with the environment variables it reads and its real default (a default that depends on
+    the machine, such as the model folder, is shown as it resolves here)."""
+    lines = [
+        f"usage: {program} [--FLAG VALUE ...]",
+        "",
+        "Every flag can also be set by environment variable; a flag wins over the first variable named, which wins",
+        "over the second, which wins over the default.",
+        "",
+    ]
+    for name, field in settings_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+        if field.annotation is bool:
+            flag = f"{flag} / --no-{flag[2:]}"
+        elif choices:
+            flag = f"{flag} {{{','.join(map(str, choices))}}}"
+        else:
+            flag = f"{flag} VALUE"
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {flag}")
+        lines.append(f"      {field.description or ''}")
+        lines.append(f"      env: {', '.join(env_names(settings_cls, name))}; default: {_shown_default(default)}")
+    return "\n".join(lines) + "\n"
+
+
 def load_settings(settings_cls: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
     """Parse flags and environment; print a short message and exit 2 on a bad value (no traceback)."""
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        sys.stdout.write(render_help(settings_cls, Path(sys.argv[0]).name))
+        raise SystemExit(0)
     try:
-        return CliApp.run(settings_cls, cli_args=sys.argv[1:] if argv is None else argv)
+        return CliApp.run(settings_cls, cli_args=args)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         sys.stderr.write(f"error: invalid setting: {problems}\n")

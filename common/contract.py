@@ -34,6 +34,7 @@ class ModelInfo(BaseModel):
     device: str
     dtype: str
     modalities: list[Modality] = Field(description="which inputs this service embeds")
+    tiny: bool = Field(description="true for the tiny random-weight test models: their vectors are meaningless")
 
 
 class EmbeddingModel(Protocol):
@@ -45,6 +46,8 @@ class EmbeddingModel(Protocol):
     device: str
     # Which inputs it embeds (its settings class says which).
     modalities: tuple[Modality, ...]
+    # True for the tiny random-weight test models (a marker file in their folder): their vectors are meaningless.
+    tiny: bool
     # False once the device keeps failing: /health turns 503 so a supervisor restarts the process.
     healthy: bool
     # Every batcher that feeds the model, so the app can export their queue depths and batch sizes.

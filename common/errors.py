@@ -122,7 +122,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _response(request, 422, _describe_validation_error(exc), "invalid_request_error", "invalid_request")
+        message = _describe_validation_error(exc)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body_not_json = any(tuple(err.get("loc", ())) == ("body",) for err in exc.errors()[:5])
+        if body_not_json and "json" not in content_type:
+            # FastAPI reads a body without a JSON content type as bytes, then reports a type error on them.
+            message = f"send the body as JSON with 'Content-Type: application/json' (got {content_type or 'none'})"
+        return _response(request, 422, message, "invalid_request_error", "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

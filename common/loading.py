@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,6 +21,43 @@ logger = logging.getLogger(__name__)
 
 class ModelNotFound(Exception):
     pass
+
+
+class WrongModel(ValueError):
+    """The folder holds a model of another kind than the service serves; the message says what was found."""
+
+
+# A file the tiny random-weight test models carry in their folder, so a service (and everything that reads its
+# /health or /info) can say that its vectors are meaningless. Real checkpoints never have it.
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
+
+
+def has_random_weights(source: str) -> bool:
+    return (Path(source) / RANDOM_WEIGHTS_MARKER).is_file()
+
+
+def mark_random_weights(folder: Path) -> None:
+    (folder / RANDOM_WEIGHTS_MARKER).write_text(
+        "Tiny random-weight model for tests and trying the API: its vectors are meaningless.\n"
+    )
+
+
+def read_config(source: str, subfolder: str | None, expected_type: str, what: str) -> Any:
+    """The model's transformers config, or WrongModel with a message that says what the folder holds instead."""
+    from transformers import AutoConfig
+
+    folder = Path(source) / (subfolder or "")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        found = "a diffusers pipeline (model_index.json)" if (Path(source) / "model_index.json").is_file() else None
+        raise WrongModel(
+            f"{source} has no {Path(subfolder or '') / 'config.json'}"
+            + (f"; it is {found}" if found else "")
+            + f". This service needs {what}."
+        )
+    config = AutoConfig.from_pretrained(source, **({"subfolder": subfolder} if subfolder else {}))
+    if config.model_type != expected_type:
+        raise WrongModel(f"{source} holds a {config.model_type!r} model. This service needs {what}.")
+    return config
 
 
 def display_name(source: str) -> str:

@@ -22,7 +22,7 @@ from common.api import image_routes, text_routes
 from common.api.app import Runtime, create_app
 from common.config import ServiceSettings, SettingsT, load_settings
 from common.contract import EmbeddingModel
-from common.loading import ModelNotFound, resolve_model_source
+from common.loading import ModelNotFound, has_random_weights, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,17 @@ class ServiceDefinition(Generic[SettingsT]):
     download_help: str
     # Which files of a hub repository the model needs (None: all of them).
     select_files: Callable[[list[str]], list[str] | None] | None = None
+    # The embedding-space version these settings give (it changes with any option that changes the numbers).
+    version_of: Callable[[SettingsT], str] | None = None
+
+    def expected_identity(self, settings: SettingsT) -> dict[str, object]:
+        """What a service started with these settings will report in /info: the launcher compares a running
+        service with it, so that a service of another model, recipe or tiny-ness is never silently kept."""
+        return {
+            "model_path": settings.model,
+            "version": self.version_of(settings) if self.version_of else None,
+            "tiny": has_random_weights(settings.model),
+        }
 
     def routers(self) -> Sequence[APIRouter]:
         takes_images = "image" in self.settings_cls.modalities
@@ -89,6 +100,11 @@ def configure_logging(level: str, log_file: str | None = None) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     for noisy in ("httpx", "urllib3", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub prints to a stderr handler of its own and also propagates to ours: each download retry would
+    # show twice (and bypass the rotated log file).
+    import huggingface_hub.utils.logging  # noqa: F401 - creates that handler, so that it can be removed here
+
+    logging.getLogger("huggingface_hub").handlers.clear()
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars would fill the log files

@@ -18,6 +18,7 @@ from common.config import Modality, ServiceSettings, limit_hint
 from common.contract import EncodedImage, ModelInfo
 from common.errors import InvalidRequestBody, OutOfMemory, PayloadTooLarge, TooManyItems, UnsupportedInput
 from common.formats import is_image_data_uri
+from common.loading import has_random_weights
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ FAILURES_BEFORE_UNHEALTHY = 3
 class TextEncoder(Protocol):
     """The pure batch methods of an encoder that reads text (every model here does)."""
 
+    source: str  # the folder the weights were loaded from
     dimension: int
     dtype: torch.dtype
 
@@ -53,6 +55,7 @@ class BatchedService:
         self.dimension = encoder.dimension
         self.version = version
         self.device = device
+        self.tiny = has_random_weights(encoder.source)
         self.model_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.batchers: list[MicroBatcher[Any, Any]] = []
         self.healthy = True
@@ -125,6 +128,7 @@ class BatchedService:
             device=self.device,
             dtype=str(self.text_encoder.dtype).removeprefix("torch."),
             modalities=list(self.modalities),
+            tiny=self.tiny,
             **self.details(),
         )
 

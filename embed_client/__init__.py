@@ -7,13 +7,15 @@
         texts = client.embed_texts(["a photo of a cat"])      # (1, 1152), same space on port 6010
 
     python -m embed_client index PHOTO_DIR --out vectors.parquet [--url http://127.0.0.1:6010] [--concurrency 4]
+                                 [--reindex] [--follow-links]
 
 The client speaks ``POST /v1/embeddings`` with ``encoding_format="base64"`` (vectors come back as little-endian
 float32, several times smaller and faster to parse than JSON floats) and images as ``data:image/...;base64,`` URIs.
 It falls back to the native ``/embed/images`` and ``/embed/texts`` routes when a server answers 404 for
 ``/v1/embeddings``. Requests are split to the server's ``limits.max_items_per_request`` and ``max_body_bytes``
 (read once from ``GET /info``). 429 and 503 (queue full, model loading) and connection errors are retried with
-exponential backoff and jitter, honouring ``Retry-After``; other errors raise ``ServiceError`` at once.
+exponential backoff and jitter, honouring ``Retry-After``; other errors raise ``ServiceError`` at once. Images sent
+to a service whose ``/info`` says it does not embed them raise ``WrongService`` before anything is sent.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from embed_client.client import (
     EmbedClientError,
     ServiceError,
     ServiceUnreachable,
+    WrongService,
     decode_vector,
     split_requests,
 )
@@ -33,19 +36,29 @@ from embed_client.client import (
 if TYPE_CHECKING:
     from embed_client.__main__ import build_parser, main
     from embed_client.indexer import (
+        IndexMismatch,
+        IndexRefused,
         IndexSummary,
+        OutputLocked,
         ParquetIndex,
         PhotoFile,
+        Scan,
         embed_chunk,
         index_folder,
         index_schema,
+        scan_folder,
         scan_photos,
         write_parquet_atomically,
     )
 
 # Imported on first use: the indexer needs pyarrow and tqdm, which a program that only embeds does not install.
 _LAZY = {
+    "IndexMismatch": "embed_client.indexer",
+    "IndexRefused": "embed_client.indexer",
     "IndexSummary": "embed_client.indexer",
+    "OutputLocked": "embed_client.indexer",
+    "Scan": "embed_client.indexer",
+    "scan_folder": "embed_client.indexer",
     "ParquetIndex": "embed_client.indexer",
     "PhotoFile": "embed_client.indexer",
     "embed_chunk": "embed_client.indexer",
@@ -60,17 +73,23 @@ _LAZY = {
 __all__ = [
     "EmbedClient",
     "EmbedClientError",
+    "IndexMismatch",
+    "IndexRefused",
     "IndexSummary",
+    "OutputLocked",
     "ParquetIndex",
     "PhotoFile",
+    "Scan",
     "ServiceError",
     "ServiceUnreachable",
+    "WrongService",
     "build_parser",
     "decode_vector",
     "embed_chunk",
     "index_folder",
     "index_schema",
     "main",
+    "scan_folder",
     "scan_photos",
     "split_requests",
     "write_parquet_atomically",

@@ -1,5 +1,6 @@
 """The command line, ``python -m embed_client index PHOTO_DIR --out vectors.parquet``: arguments, the summary it
-prints, and its exit codes (0 done, 1 service error or unreachable, 2 bad arguments, 130 interrupted)."""
+prints, and its exit codes (0 done, 1 refused (wrong service, output of another model, output locked, API key) or
+service error or unreachable, 2 bad arguments, 130 interrupted)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from embed_client.client import EmbedClient, EmbedClientError
-from embed_client.indexer import IndexSummary, index_folder
+from embed_client.client import EmbedClient, EmbedClientError, ServiceError, WrongService
+from embed_client.indexer import IndexRefused, IndexSummary, index_folder
 
 
 def _positive_int(text: str) -> int:
@@ -27,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         "index",
         help="embed every image in a folder tree into a parquet file (resumable)",
         description="Embed every image under PHOTO_DIR through the image service into a parquet file with columns "
-        "path, size, mtime, model, version, vector. Reruns embed only new or changed files; an interrupted run "
-        "resumes from its checkpoints (OUT.parts/).",
+        "path, size, mtime, model, version, vector, path_bytes. Reruns embed only new or changed files; an "
+        "interrupted run resumes from its checkpoints (OUT.parts/). One run per output at a time (OUT.lock).",
     )
     index.add_argument("photo_dir", type=Path, metavar="PHOTO_DIR")
     index.add_argument("--out", type=Path, required=True, help="the parquet file to write (e.g. vectors.parquet)")
@@ -39,19 +40,35 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     index.add_argument("--retries", type=int, default=5, help="retries on 429/503/connection errors (default 5)")
     index.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a loading model (default 300)")
+    index.add_argument(
+        "--reindex",
+        action="store_true",
+        help="embed every image again and replace OUT (needed when OUT holds vectors of another model, version or "
+        "dimension than the service's)",
+    )
+    index.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="follow links to files and folders out of PHOTO_DIR (default: list them, do not read them)",
+    )
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def _report(summary: IndexSummary, out: Path) -> None:
+    replaced = f", {summary.replaced} rows of the old output replaced" if summary.replaced else ""
     sys.stdout.write(
         f"{out}: {summary.embedded} embedded, {summary.skipped} already indexed, {summary.removed} stale rows "
-        f"dropped, {len(summary.failed)} unreadable ({summary.files} images found)\n"
+        f"dropped{replaced}, {len(summary.failed)} not indexed ({summary.files} images found)\n"
     )
     if summary.failed:
-        sys.stdout.write("unreadable images (not in the output; retried on the next run):\n")
+        sys.stdout.write("not indexed (not in the output; tried again on the next run):\n")
         for path, message in summary.failed:
             sys.stdout.write(f"  {path}: {message}\n")
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"WARNING: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,10 +92,25 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency,
                 chunk_size=args.chunk_size,
                 progress=not args.no_progress,
+                reindex=args.reindex,
+                follow_links=args.follow_links,
+                warn=_warn,
             )
         except KeyboardInterrupt:
             sys.stderr.write("interrupted: finished images are checkpointed; run the same command to resume\n")
             return 130
+        except (WrongService, IndexRefused) as exc:  # refused before anything was written: nothing to resume
+            sys.stderr.write(f"error: {exc}\n")
+            return 1
+        except ServiceError as exc:
+            if exc.status not in (401, 403):
+                sys.stderr.write(f"error: {exc}\n(finished images are checkpointed; rerun the command to resume)\n")
+                return 1
+            sys.stderr.write(
+                f"error: {args.url} refused the API key (HTTP {exc.status}: {exc.message}); "
+                "check --api-key (or EMBED_API_KEY)\n"
+            )
+            return 1
         except EmbedClientError as exc:
             sys.stderr.write(f"error: {exc}\n(finished images are checkpointed; rerun the command to resume)\n")
             return 1

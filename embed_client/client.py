@@ -49,6 +49,25 @@ class ServiceUnreachable(EmbedClientError):
     """No connection (after retries), or the service did not become ready in time."""
 
 
+class WrongService(EmbedClientError):
+    """The service does not embed this kind of input (images sent to the text-only service): raised before anything
+    is sent, instead of vectors of the wrong kind. ``modalities`` is what the service's ``/info`` says it embeds."""
+
+    def __init__(self, url: str, model: str, modalities: Sequence[str], wanted: str, point: str) -> None:
+        self.url = url
+        self.model = model
+        self.modalities = list(modalities)
+        self.wanted = wanted
+        if wanted == "image" and self.modalities == ["text"]:
+            message = f"{url} is a text-only service ({model}); point {point} at the image service, port 6010"
+        else:
+            message = (
+                f"{url} ({model}) embeds {' and '.join(self.modalities) or 'nothing'}, not {wanted}s; "
+                f"point {point} at a service that does"
+            )
+        super().__init__(message)
+
+
 class ServiceError(EmbedClientError):
     """The service answered with an error; carries its ``{"error": {"message", "type", "code"}}`` envelope."""
 
@@ -221,8 +240,26 @@ class EmbedClient:
         """Items per forward pass on the server: the chunk that keeps its batcher full without queueing."""
         return int(self.info().get("batching", {}).get("max_batch_size", self.max_items_per_request))
 
+    def require(self, modality: str, point: str = "the client") -> None:
+        """Raise ``WrongService`` unless the service embeds ``modality`` ("image" or "text") by its ``/info``; a
+        service that is still loading is waited for (as a 503 is). A server whose ``/info`` does not list its
+        modalities (an older one) is assumed to take it. ``point`` names what to change in the message."""
+        info = self.info()
+        if info.get("status") == "loading":
+            # /health answers 503 (Retry-After) until the model has loaded: _request retries it like any 503.
+            self._request("GET", "/health")
+            info = self.info(refresh=True)
+            if info.get("status") == "loading":
+                raise ServiceUnreachable(f"{self.url} is still loading its model; try again later")
+        modalities = info.get("modalities")
+        if isinstance(modalities, list) and modality not in modalities:
+            raise WrongService(self.url, str(info.get("model", "unknown model")), modalities, modality, point)
+
     def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """Image files (paths) or encoded bytes -> ``(n, dimension)`` float32, in input order."""
+        """Image files (paths) or encoded bytes -> ``(n, dimension)`` float32, in input order. ``WrongService``
+        before anything is read or sent when the service does not embed images (the text-only service would read
+        the images' data URIs as text and answer with vectors that mean nothing)."""
+        self.require("image")
         return self._embed([image_data_uri(read_image(item)) for item in images], images=True)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:

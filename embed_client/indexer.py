@@ -1,14 +1,22 @@
 """The bulk indexer: embeds every image under a folder into a parquet file through ``EmbedClient``, resumable
-from checkpoints, only new or changed files embedded on a rerun. Owns the output's schema and its atomic writes."""
+from checkpoints, only new or changed files embedded on a rerun. Owns the output's schema, its atomic writes, and
+its lock (one indexer per output).
+
+Only regular files are read, never more than the service takes (``limits.max_image_bytes``); FIFOs, devices and
+links out of the folder (unless ``follow_links``) are listed, not read. File names that are not UTF-8 are kept
+losslessly: ``path`` shows them with ``\\xNN`` escapes, ``path_bytes`` holds their bytes."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,41 +38,217 @@ IMAGE_EXTENSIONS = frozenset(
 # Errors that belong to one item (undecodable, too large, unexpected failure on it), not to the whole service:
 # the indexer retries a failed chunk image by image so one corrupt file does not lose its neighbours.
 ITEM_ERROR_STATUSES = frozenset({400, 413, 422, 500})
+# The largest file read when /info does not say (an older server): the services' default max_image_bytes.
+DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+class IndexRefused(EmbedClientError):
+    """The run stopped before writing anything; the message says why and what to do."""
+
+
+class IndexMismatch(IndexRefused):
+    """The output (or its leftover checkpoints) holds vectors of another model, version or dimension."""
+
+
+class OutputLocked(IndexRefused):
+    """Another indexer is writing the same output."""
 
 
 @dataclass(frozen=True)
 class PhotoFile:
-    rel: str  # POSIX path relative to the photo folder: the row's key
+    # Path relative to the photo folder, "/"-separated, as the OS gives it (bytes that are not UTF-8 become
+    # surrogate escapes, as in os.fsdecode): the row's key.
+    rel: str
     path: Path
     size: int
     mtime: float
 
+    @property
+    def shown(self) -> str:
+        return shown_path(self.rel)
+
+
+def shown_path(rel: str) -> str:
+    """``rel`` as text any file or terminal takes: bytes of the name that are not UTF-8 written as ``\\xNN``."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def stored_path(rel: str) -> tuple[str, bytes | None]:
+    """The ``path`` and ``path_bytes`` columns of a row: the name as text and, only when the name is not valid
+    UTF-8 (and ``path`` therefore shows it with ``\\xNN`` escapes), its exact bytes."""
+    raw = os.fsencode(rel)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
+def rel_of_row(path: str, path_bytes: bytes | None) -> str:
+    return os.fsdecode(path_bytes) if path_bytes is not None else path
+
 
 @dataclass
 class IndexSummary:
-    files: int = 0  # images found in the folder
+    files: int = 0  # images found in the folder (regular files, or links to them, with an image extension)
     skipped: int = 0  # already indexed with the same size, mtime, model and version
     embedded: int = 0  # embedded in this run
-    removed: int = 0  # rows dropped: the file is gone, changed, or indexed with another model or version
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, server message), not in the output
+    removed: int = 0  # rows dropped: the file is gone or changed
+    replaced: int = 0  # rows of the previous output that a reindex replaced
+    # (path as shown, why): not in the output; tried again on the next run. Files the service could not decode,
+    # files it would not take, FIFOs and devices, links not followed, folders that cannot be read.
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def scan_photos(root: Path) -> list[PhotoFile]:
-    """Every image under ``root`` by extension, sorted, with size and mtime. Symlinked folders are not followed
-    (no loops); files that vanish or cannot be stat'ed while scanning are skipped."""
-    photos: list[PhotoFile] = []
-    for folder, dirs, names in os.walk(root):
-        dirs.sort()
+@dataclass
+class Scan:
+    photos: list[PhotoFile] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path as shown, why): listed, not read
+    unreadable_folders: list[str] = field(default_factory=list)  # rel paths; their rows are kept as they are
+
+
+def _kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def _not_regular(mode: int) -> str:
+    return f"not a regular file: {_kind(mode)}; not read"
+
+
+def _too_large(size: int, max_bytes: int) -> str:
+    return f"{size} bytes, more than the service takes (limits.max_image_bytes={max_bytes}); not read"
+
+
+def scan_folder(root: Path, follow_links: bool = False) -> Scan:
+    """Every image under ``root`` by extension, sorted, with size and mtime, and what was not taken and why.
+
+    Only regular files are taken. A link to a file or folder inside ``root`` is taken as the file (folders: not
+    entered; their images are found where they are). A link out of ``root`` is listed and not followed unless
+    ``follow_links``; then folders are entered once each (no loops). Folders that cannot be listed are listed.
+    Files that vanish while scanning are left out."""
+    scan = Scan()
+    top = os.fspath(root)
+    real_top = os.path.realpath(top)
+
+    def rel_of(path: str) -> str:
+        rel = os.path.relpath(path, top)
+        return "" if rel == "." else rel.replace(os.sep, "/")
+
+    def inside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == real_top or real.startswith(real_top.rstrip("/") + "/")
+
+    def not_followed(path: str, shown: str) -> None:
+        try:
+            target = shown_path(os.readlink(path))
+        except OSError:
+            target = "?"
+        scan.problems.append((shown, f"a link out of the folder (to {target}); not followed (--follow-links does)"))
+
+    def folder_error(error: OSError) -> None:
+        rel = rel_of(os.fsdecode(error.filename)) if error.filename is not None else ""
+        scan.unreadable_folders.append(rel)
+        scan.problems.append((shown_path(rel or ".") + "/", f"cannot read the folder: {error.strerror or error}"))
+
+    visited: set[tuple[int, int]] = set()
+    for folder, dirs, names in os.walk(top, onerror=folder_error, followlinks=follow_links):
+        try:
+            here = os.stat(folder)
+            visited.add((here.st_dev, here.st_ino))
+        except OSError:
+            pass
+        entered = []
+        for name in sorted(dirs):
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                if inside(path):
+                    continue  # its images are found under their own path
+                if not follow_links:
+                    not_followed(path, shown_path(rel_of(path)) + "/")
+                    continue
+            try:
+                there = os.stat(path)
+            except OSError:
+                continue
+            if (there.st_dev, there.st_ino) not in visited:  # a loop, or a folder already seen through a link
+                entered.append(name)
+        dirs[:] = entered
         for name in sorted(names):
             if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
-            path = Path(folder, name)
+            path = os.path.join(folder, name)
+            rel = rel_of(path)
             try:
-                stat = path.stat()
-            except OSError:
+                info = os.lstat(path)
+                if stat.S_ISLNK(info.st_mode):
+                    if not follow_links and not inside(path):
+                        not_followed(path, shown_path(rel))
+                        continue
+                    try:
+                        info = os.stat(path)
+                    except FileNotFoundError:
+                        scan.problems.append((shown_path(rel), f"a broken link (to {shown_path(os.readlink(path))})"))
+                        continue
+            except FileNotFoundError:
+                continue  # deleted while scanning
+            except OSError as exc:
+                scan.problems.append((shown_path(rel), f"cannot read the file: {exc.strerror or exc}"))
                 continue
-            photos.append(PhotoFile(path.relative_to(root).as_posix(), path, stat.st_size, stat.st_mtime))
-    return photos
+            if not stat.S_ISREG(info.st_mode):
+                scan.problems.append((shown_path(rel), _not_regular(info.st_mode)))
+                continue
+            scan.photos.append(PhotoFile(rel, Path(path), info.st_size, info.st_mtime))
+    return scan
+
+
+def scan_photos(root: Path, follow_links: bool = False) -> list[PhotoFile]:
+    """The images ``scan_folder`` takes (what it does not take, and why, is in its ``Scan``)."""
+    return scan_folder(root, follow_links).photos
+
+
+def max_image_bytes(info: dict[str, Any]) -> int:
+    """The largest file worth reading for the service of this ``/info``."""
+    limits = info.get("limits", {})
+    if "max_image_bytes" in limits:
+        return int(limits["max_image_bytes"])
+    if "max_body_bytes" in limits:  # an older server: the image must fit in a body, base64-encoded
+        return int(limits["max_body_bytes"]) // 4 * 3
+    return DEFAULT_MAX_IMAGE_BYTES
+
+
+class NotTaken(OSError):
+    """A file that is not read: not (or no longer) a regular file, or larger than the service takes."""
+
+
+def read_photo(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes if it is a regular file of at most ``max_bytes``; ``NotTaken`` (an OSError) otherwise.
+    Opened without blocking (a FIFO put in a file's place never hangs the run) and checked on the open file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotTaken(_not_regular(info.st_mode))
+        if info.st_size > max_bytes:
+            raise NotTaken(_too_large(info.st_size, max_bytes))
+        os.set_blocking(fd, True)  # a regular file: plain reads from here on
+        chunks, total = [], 0
+        while total <= max_bytes:  # the file may grow while it is read
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            raise NotTaken(_too_large(total, max_bytes))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def index_schema(dimension: int) -> pa.Schema:
@@ -76,6 +260,8 @@ def index_schema(dimension: int) -> pa.Schema:
             ("model", pa.string()),
             ("version", pa.string()),
             ("vector", pa.list_(pa.float32(), dimension)),
+            # the name's bytes, only where it is not valid UTF-8 (then `path` shows it with \xNN escapes)
+            ("path_bytes", pa.binary()),
         ]
     )
 
@@ -93,19 +279,64 @@ def write_parquet_atomically(table: pa.Table, path: Path) -> None:
         raise
 
 
+@contextmanager
+def locked_output(out: Path) -> Iterator[Path]:
+    """Holds ``OUT.lock`` (an flock) while a run reads and writes ``out`` and its parts; another run on the same
+    output raises ``OutputLocked`` at once. The kernel drops the lock of a killed run: a lock file left behind
+    does not block the next run. The file is removed at the end while still locked; a run that locked a file
+    just removed that way locks the new one instead (the inode check)."""
+    lock = out.with_name(out.name + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f"another indexer (pid {holder})" if holder.isdigit() else "another indexer"
+            raise OutputLocked(
+                f"{who} is writing {out}; wait for it to finish, or choose another --out (lock file: {lock})"
+            ) from None
+        try:
+            current = os.stat(lock)
+            locked = os.fstat(fd)
+            if (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
 class ParquetIndex:
     """The output file plus a sidecar folder of checkpoint parts (``OUT.parts/part-000001.parquet``).
 
     Parts are written during a run; the end of a run merges main file and parts into a new main file (atomically)
     and then deletes the parts. A run that dies leaves the old main file and its parts, both valid; the next run
-    reads them all, the latest row for a path winning."""
+    reads them all, the latest row for a path winning.
 
-    def __init__(self, out: Path, model: str, version: str, dimension: int) -> None:
+    Vectors of one model, version and dimension only: a main file or part that holds others raises
+    ``IndexMismatch``, unless ``reindex``: then the main file's rows are replaced and such parts ignored (parts of
+    this model are kept, so an interrupted reindex resumes)."""
+
+    def __init__(
+        self, out: Path, model: str, version: str, dimension: int, *, reindex: bool = False, source: str = ""
+    ) -> None:
         self.out = out
         self.parts_dir = out.with_name(out.name + ".parts")
         self.model = model
         self.version = version
+        self.dimension = dimension
+        self.reindex = reindex
+        self.source = source or "the service"
         self.schema = index_schema(dimension)
+        self.replaced = 0  # rows of the main file that a reindex replaces (set by current_rows)
         numbers = [int(p.stem.removeprefix("part-")) for p in self._part_files()]
         self._next_part = max(numbers, default=0) + 1
 
@@ -115,40 +346,114 @@ class ParquetIndex:
         return sorted(p for p in self.parts_dir.glob("part-*.parquet") if p.stem.removeprefix("part-").isdigit())
 
     def _read(self, path: Path, required: bool) -> pa.Table | None:
-        """One file's rows of this model and version, in our schema. A main file that is not an index is an error
-        (never overwrite someone's data); an unreadable part is skipped, its images are embedded again."""
+        """One file's rows in our schema but for the vector's dimension, which stays the file's. A main file that
+        is not an index is an error (never overwrite someone's data); an unreadable part is skipped, its images are
+        embedded again."""
         try:
             table = pq.read_table(path)
+            if "path_bytes" not in table.column_names:  # written before names that are not UTF-8 were kept
+                table = table.append_column("path_bytes", pa.nulls(table.num_rows, pa.binary()))
             table = table.select(self.schema.names)
-            same_space = [
-                model == self.model and version == self.version
-                for model, version in zip(
-                    table.column("model").to_pylist(), table.column("version").to_pylist(), strict=True
-                )
+            vector = table.schema.field("vector").type
+            if not pa.types.is_fixed_size_list(vector):
+                raise ValueError(f"its vector column is {vector}")
+            fields = [
+                pa.field("vector", pa.list_(pa.float32(), vector.list_size)) if f.name == "vector" else f
+                for f in self.schema
             ]
-            return table.filter(pa.array(same_space, pa.bool_())).cast(self.schema)
-        except (pa.ArrowException, OSError, KeyError) as exc:
+            return table.cast(pa.schema(fields))
+        except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
             if required:
-                raise EmbedClientError(
+                raise IndexRefused(
                     f"{path} exists but is not an index this tool wrote ({exc}); choose another --out"
                 ) from exc
             logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
             return None
 
-    def current_rows(self, photos: Sequence[PhotoFile]) -> tuple[pa.Table, int]:
+    def _foreign_space(self, table: pa.Table, dimension: int) -> tuple[str, str, int] | None:
+        """(model, version, dimension) of rows (``table`` has at least their model and version) that are not of
+        this index's space, if there are any."""
+        if table.num_rows == 0:
+            return None  # nothing to mix up
+        spaces = sorted(set(zip(table.column("model").to_pylist(), table.column("version").to_pylist(), strict=True)))
+        ours = (self.model, self.version)
+        if dimension == self.dimension and spaces == [ours]:
+            return None
+        model, version = next((space for space in spaces if space != ours), spaces[0])
+        return str(model), str(version), dimension
+
+    def _mismatch(self, where: Path, found: tuple[str, str, int]) -> IndexMismatch:
+        model, version, dimension = found
+        return IndexMismatch(
+            f"{where} holds vectors of {model} version {version} ({dimension} dimensions), but {self.source} serves "
+            f"{self.model} version {self.version} ({self.dimension} dimensions); vectors of two models never go in "
+            f"one index: run again with --reindex to embed every image anew and replace {self.out}, "
+            "or choose another --out"
+        )
+
+    def check(self) -> None:
+        """``IndexMismatch`` now if the main file or a part holds vectors of another model, version or dimension
+        and this is not a reindex. Quick: reads only schemas and the model and version columns (a file it cannot
+        read this way is left to ``current_rows``)."""
+        if self.reindex:
+            return
+        files = [(self.out, self.out)] if self.out.exists() else []
+        files += [(part, self.parts_dir) for part in self._part_files()]
+        for path, where in files:
+            try:
+                vector = pq.read_schema(path).field("vector").type
+                found = self._foreign_space(pq.read_table(path, columns=["model", "version"]), vector.list_size)
+            except (pa.ArrowException, OSError, KeyError, AttributeError):
+                continue
+            if found is not None:
+                raise self._mismatch(where, found)
+
+    def _tables(self) -> list[pa.Table]:
+        tables: list[pa.Table] = []
+        self.replaced = 0
+        if self.out.exists():
+            main = self._read(self.out, required=True)
+            assert main is not None
+            found = self._foreign_space(main, main.schema.field("vector").type.list_size)
+            if self.reindex:
+                self.replaced = main.num_rows
+            elif found is not None:
+                raise self._mismatch(self.out, found)
+            else:
+                tables.append(main)
+        for part in self._part_files():
+            table = self._read(part, required=False)
+            if table is None:
+                continue
+            found = self._foreign_space(table, table.schema.field("vector").type.list_size)
+            if found is None:
+                tables.append(table)
+            elif not self.reindex:
+                raise self._mismatch(self.parts_dir, found)
+        return [table.cast(self.schema) for table in tables]
+
+    def current_rows(self, photos: Sequence[PhotoFile], keep_under: Sequence[str] = ()) -> tuple[pa.Table, int]:
         """Rows (main file, then parts in order; the last row for a path wins) for files that still exist with the
-        same size and mtime, sorted by path; and how many indexed paths were dropped as stale."""
-        tables = [self._read(self.out, required=True)] if self.out.exists() else []
-        tables += [self._read(part, required=False) for part in self._part_files()]
-        table = pa.concat_tables([t for t in tables if t is not None] or [self.schema.empty_table()])
+        same size and mtime, and rows under the folders ``keep_under`` (rel paths of folders that could not be
+        read: whether their files still exist is unknown), sorted by path; and how many indexed paths were dropped
+        as stale."""
+        table = pa.concat_tables(self._tables() or [self.schema.empty_table()])
         on_disk = {photo.rel: (photo.size, photo.mtime) for photo in photos}
-        paths = table.column("path").to_pylist()
+        rels = [
+            rel_of_row(path, raw)
+            for path, raw in zip(table.column("path").to_pylist(), table.column("path_bytes").to_pylist(), strict=True)
+        ]
         sizes = table.column("size").to_pylist()
         mtimes = table.column("mtime").to_pylist()
-        last = {path: row for row, path in enumerate(paths)}
+        prefixes = tuple(f"{folder}/" if folder else "" for folder in keep_under)
+        last = {rel: row for row, rel in enumerate(rels)}
         keep = sorted(
-            (row for row in last.values() if on_disk.get(paths[row]) == (sizes[row], mtimes[row])),
-            key=lambda row: paths[row],
+            (
+                row
+                for row in last.values()
+                if on_disk.get(rels[row]) == (sizes[row], mtimes[row]) or rels[row].startswith(prefixes)
+            ),
+            key=lambda row: rels[row],
         )
         return table.take(pa.array(keep, pa.int64())), len(last) - len(keep)
 
@@ -157,23 +462,25 @@ class ParquetIndex:
             return
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         vectors = np.stack([vector for _, vector in rows]).astype(np.float32)
+        stored = [stored_path(photo.rel) for photo, _ in rows]
         table = pa.table(
             {
-                "path": [photo.rel for photo, _ in rows],
+                "path": [path for path, _ in stored],
                 "size": [photo.size for photo, _ in rows],
                 "mtime": [photo.mtime for photo, _ in rows],
                 "model": [self.model] * len(rows),
                 "version": [self.version] * len(rows),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
+                "path_bytes": [raw for _, raw in stored],
             },
             schema=self.schema,
         )
         write_parquet_atomically(table, self.parts_dir / f"part-{self._next_part:06d}.parquet")
         self._next_part += 1
 
-    def merge(self, photos: Sequence[PhotoFile]) -> pa.Table:
+    def merge(self, photos: Sequence[PhotoFile], keep_under: Sequence[str] = ()) -> pa.Table:
         """Main file + parts -> one new main file; parts are deleted only after the rename."""
-        table, _ = self.current_rows(photos)
+        table, _ = self.current_rows(photos, keep_under)
         write_parquet_atomically(table, self.out)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return table
@@ -182,18 +489,22 @@ class ParquetIndex:
 ChunkResult = tuple[list[tuple[PhotoFile, np.ndarray]], list[tuple[str, str]]]
 
 
-def embed_chunk(client: EmbedClient, chunk: Sequence[PhotoFile]) -> ChunkResult:
-    """One request's worth of photos -> (rows, failures). Runs in a worker thread. An item error (400/413/...)
-    fails the whole request, so the chunk is retried photo by photo to find the bad one and keep the rest."""
+def embed_chunk(client: EmbedClient, chunk: Sequence[PhotoFile], max_bytes: int | None = None) -> ChunkResult:
+    """One request's worth of photos -> (rows, failures). Runs in a worker thread. Files are read with
+    ``read_photo`` (``max_bytes``: default from the service's /info). An item error (400/413/...) fails the whole
+    request, so the chunk is retried photo by photo to find the bad one and keep the rest."""
+    limit = max_image_bytes(client.info()) if max_bytes is None else max_bytes
     readable: list[PhotoFile] = []
     datas: list[bytes] = []
     failed: list[tuple[str, str]] = []
     for photo in chunk:
         try:
-            datas.append(photo.path.read_bytes())
+            datas.append(read_photo(photo.path, limit))
             readable.append(photo)
+        except NotTaken as exc:
+            failed.append((photo.shown, str(exc)))
         except OSError as exc:
-            failed.append((photo.rel, f"cannot read the file: {exc.strerror or exc}"))
+            failed.append((photo.shown, f"cannot read the file: {exc.strerror or exc}"))
     if not readable:
         return [], failed
     try:
@@ -202,10 +513,10 @@ def embed_chunk(client: EmbedClient, chunk: Sequence[PhotoFile]) -> ChunkResult:
         if exc.status not in ITEM_ERROR_STATUSES:
             raise
         if len(readable) == 1:
-            return [], [*failed, (readable[0].rel, exc.message)]
+            return [], [*failed, (readable[0].shown, exc.message)]
         rows: list[tuple[PhotoFile, np.ndarray]] = []
         for photo in readable:
-            one_rows, one_failed = embed_chunk(client, [photo])
+            one_rows, one_failed = embed_chunk(client, [photo], limit)
             rows += one_rows
             failed += one_failed
         return rows, failed
@@ -223,29 +534,59 @@ def index_folder(
     checkpoint_s: float = 60.0,
     progress: bool = True,
     on_progress: Callable[[int], None] | None = None,
+    reindex: bool = False,
+    follow_links: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> IndexSummary:
     """Embed every image under ``photo_dir`` not yet in ``out`` (same path, size, mtime, model and version) and
     write ``out`` anew. Finished work is checkpointed to ``OUT.parts/`` every ``checkpoint_rows`` rows or
     ``checkpoint_s`` seconds and on any interruption, so a rerun resumes. ``on_progress(images_done)`` is called
-    after each chunk (tests use it to interrupt a run)."""
+    after each chunk (tests use it to interrupt a run).
+
+    Refuses, before writing anything: a service that does not embed images (``WrongService``), an output or
+    checkpoints of another model, version or dimension unless ``reindex`` (``IndexMismatch``; ``reindex`` embeds
+    every image again and replaces the output), an output another run is writing (``OutputLocked``).
+    ``warn(message)`` (default: the log) hears that the service runs a tiny random-weight model."""
     info = client.info(refresh=True)
     if info.get("status") != "ok":
         raise ServiceUnreachable(f"{client.url} is not ready (status {info.get('status')!r})")
+    client.require("image", point="--url")
+    model, version, dimension = str(info["model"]), str(info["version"]), int(info["dimension"])
+    if info.get("tiny"):
+        (warn or logger.warning)(
+            f"{client.url} serves {model}, a TINY model with RANDOM WEIGHTS (for tests): its vectors are "
+            "meaningless, and so is any search on this index. Start the service with the real model to index."
+        )
+    limit = max_image_bytes(info)
     out.parent.mkdir(parents=True, exist_ok=True)
-    index = ParquetIndex(out, str(info["model"]), str(info["version"]), int(info["dimension"]))
-    photos = scan_photos(photo_dir)
-    done, stale = index.current_rows(photos)
-    done_paths = set(done.column("path").to_pylist())
-    del done  # only the paths are needed now; merge() reads the vectors again
-    todo = [photo for photo in photos if photo.rel not in done_paths]
-    summary = IndexSummary(files=len(photos), skipped=len(photos) - len(todo), removed=stale)
-    # One forward pass per request by default: with `concurrency` requests in flight the server's batcher stays
-    # full, and a failed request (one corrupt file) costs little to redo image by image.
-    size = max(1, min(chunk_size or client.max_batch_size, client.max_items_per_request))
-    chunks = [todo[start : start + size] for start in range(0, len(todo), size)]
-    runner = _ChunkRunner(client, index, summary, checkpoint_rows, checkpoint_s, on_progress)
-    runner.run(chunks, concurrency, progress)
-    index.merge(photos)
+    with locked_output(out):
+        index = ParquetIndex(out, model, version, dimension, reindex=reindex, source=client.url)
+        index.check()  # before the scan: a refusal should not wait for a large folder to be listed
+        scan = scan_folder(photo_dir, follow_links)
+        photos = scan.photos
+        done, stale = index.current_rows(photos, scan.unreadable_folders)
+        done_paths = set(
+            rel_of_row(path, raw)
+            for path, raw in zip(done.column("path").to_pylist(), done.column("path_bytes").to_pylist(), strict=True)
+        )
+        del done  # only the paths are needed now; merge() reads the vectors again
+        todo = [photo for photo in photos if photo.rel not in done_paths]
+        failed = [*scan.problems, *((p.shown, _too_large(p.size, limit)) for p in todo if p.size > limit)]
+        todo = [photo for photo in todo if photo.size <= limit]
+        summary = IndexSummary(
+            files=len(photos),
+            skipped=sum(1 for photo in photos if photo.rel in done_paths),
+            removed=stale,
+            replaced=index.replaced,
+            failed=failed,
+        )
+        # One forward pass per request by default: with `concurrency` requests in flight the server's batcher stays
+        # full, and a failed request (one corrupt file) costs little to redo image by image.
+        size = max(1, min(chunk_size or client.max_batch_size, client.max_items_per_request))
+        chunks = [todo[start : start + size] for start in range(0, len(todo), size)]
+        runner = _ChunkRunner(client, index, summary, limit, checkpoint_rows, checkpoint_s, on_progress)
+        runner.run(chunks, concurrency, progress)
+        index.merge(photos, scan.unreadable_folders)
     return summary
 
 
@@ -257,6 +598,7 @@ class _ChunkRunner:
     client: EmbedClient
     index: ParquetIndex
     summary: IndexSummary
+    max_bytes: int
     checkpoint_rows: int
     checkpoint_s: float
     on_progress: Callable[[int], None] | None
@@ -272,7 +614,7 @@ class _ChunkRunner:
             while True:
                 # A couple of chunks per thread in flight: the pool never idles, memory holds only those images.
                 while len(pending) < 2 * concurrency and (chunk := next(queued, None)) is not None:
-                    pending.add(pool.submit(embed_chunk, self.client, chunk))
+                    pending.add(pool.submit(embed_chunk, self.client, chunk, self.max_bytes))
                 if not pending:
                     break
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -1,18 +1,22 @@
-"""Shared fixtures: tiny random-weight models built once per session, and clients that wait for /health."""
+"""Shared fixtures: tiny random-weight models built once per session, one torch thread for modules that hammer a
+tiny model from many client threads, the logging set-up put back after every test, and ``scripts``: the shell
+scripts run with a test's own ports and log directory, every service they started stopped afterwards. Helpers
+that are not fixtures are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import io
-import time
+import logging
+import os
+import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
-from PIL import Image
+import torch
+from transformers.utils import logging as transformers_logging
 
+from tests.helpers import SERVICES, Scripts, free_port, service_pids
 from tests.tiny_models import build_tiny_qwen3, build_tiny_siglip, build_tiny_zimage
 
 
@@ -31,36 +35,82 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen3(tmp_path_factory.mktemp("models") / "Qwen3-Embedding-tiny")
 
 
-def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        response = client.get("/health")
-        if response.status_code == 200:
-            return
-        assert response.json()["status"] == "loading", response.text
-        time.sleep(0.02)
-    raise AssertionError("service did not become ready")
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny models under many
+    client threads. OpenMP workers spinning against them on a 2-core machine make each matmul of a tiny model up to
+    50x slower than one thread does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
-def ready_client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as client:
-        wait_ready(client)
-        yield client
+# --- logging: a service's main() reconfigures it for the whole process ----------------------------------------------
+
+# The loggers the services' configure_logging touches (besides every logger that exists already).
+CONFIGURED_LOGGERS = ("", "uvicorn.access", "httpx", "urllib3", "PIL", "filelock", "transformers")
 
 
-def image_bytes(image: Image.Image, fmt: str = "PNG", **save_args: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save_args)
-    return buffer.getvalue()
+def _is_pytests(handler: logging.Handler) -> bool:
+    """pytest's own capture handlers come and go with each test phase; they are pytest's to manage."""
+    return type(handler).__module__.startswith("_pytest")
 
 
-def photo_like(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
-    """Smooth gradients plus noise: compresses like a photo, and differs from image to image."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [
-        127 + 120 * np.sin(x / (width / (2 + seed % 3)) + phase) * np.cos(y / (height / 3) + phase)
-        for phase in rng.uniform(0, 3, size=3)
-    ]
-    pixels = np.stack(channels, axis=-1) + rng.normal(0, 8, size=(height, width, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").convert(mode)
+@dataclass
+class _LoggerState:
+    logger: logging.Logger
+    level: int
+    disabled: bool
+    propagate: bool
+    handlers: list[logging.Handler]
+
+    @classmethod
+    def of(cls, logger: logging.Logger) -> _LoggerState:
+        handlers = [handler for handler in logger.handlers if not _is_pytests(handler)]
+        return cls(logger, logger.level, logger.disabled, logger.propagate, handlers)
+
+    def restore(self) -> None:
+        logger = self.logger
+        logger.setLevel(self.level)
+        logger.disabled, logger.propagate = self.disabled, self.propagate
+        for handler in [h for h in logger.handlers if not _is_pytests(h) and h not in self.handlers]:
+            logger.removeHandler(handler)  # added by the test (a StreamHandler bound to its captured stderr)
+            handler.close()
+        for handler in self.handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+
+
+def _all_loggers() -> list[logging.Logger]:
+    named = [logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
+    return [logging.getLogger(), *named, *(logging.getLogger(name) for name in CONFIGURED_LOGGERS if name)]
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Tests that call a service's ``main()`` in-process run its ``configure_logging``: it replaces the root logger's
+    handlers with a StreamHandler bound to the stderr pytest captured for that test, sets levels and turns off
+    transformers' progress bars. Once that stderr is closed, every later log record would print "--- Logging error
+    ---". Put the root logger, every logger that existed, and transformers' logging state back as they were."""
+    loggers = {id(logger): _LoggerState.of(logger) for logger in _all_loggers()}
+    progress_bar = transformers_logging.is_progress_bar_enabled()
+    yield
+    for state in loggers.values():
+        state.restore()
+    if progress_bar:
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> Iterator[Scripts]:
+    ports = {service: free_port() for service in SERVICES}
+    runner = Scripts(tmp_path / "logs", ports)
+    yield runner
+    # Whatever happened above, leave no service behind: stop_all.sh, then SIGKILL what it missed (only ours).
+    runner.run("stop_all.sh")
+    for service, port in ports.items():
+        for pid in service_pids(f"{service}_embed.py", port):
+            os.kill(pid, signal.SIGKILL)

@@ -6,13 +6,11 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,42 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
-import uvicorn
-from fastapi import FastAPI
 
 import embed_client
 from embed_client import EmbedClient, ServiceError, ServiceUnreachable, index_folder, main, split_requests
 from siglip2_embed import Siglip2Settings, build_app, load
-from tests.conftest import image_bytes, photo_like
+from tests.helpers import assert_same_array, free_port, image_bytes, photo_like, serve_in_thread
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_ITEMS = 3  # the service's max_items_per_request: small, so splitting shows with a handful of images
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def serve_in_thread(app: FastAPI, wait_ready: bool = True) -> Iterator[str]:
-    """A real uvicorn server on a free port (the client's connections, retries and bodies are real HTTP)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not server.started or (wait_ready and requests.get(url + "/health", timeout=5).status_code != 200):
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +67,6 @@ def native_texts(url: str, texts: list[str]) -> np.ndarray:
     return np.asarray(vectors, dtype=np.float32)
 
 
-def assert_same_vectors(got: np.ndarray, expected: np.ndarray) -> None:
-    assert got.shape == expected.shape and got.dtype == np.float32
-    cosine = np.sum(got * expected, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
-    assert cosine.min() >= 0.9999, cosine
-
-
 def photos(count: int, seed: int = 0) -> list[bytes]:
     return [image_bytes(photo_like(40 + i, 32, seed=seed + i), "JPEG") for i in range(count)]
 
@@ -117,7 +82,7 @@ def test_embed_images_matches_native_routes_and_splits(client: EmbedClient, serv
     before = client.requests_sent
     got = client.embed_images([tmp_path / "first.jpg", str(tmp_path / "first.jpg"), *datas[1:]])
     assert client.requests_sent - before == 3  # 7 images, at most 3 per request
-    assert_same_vectors(got, native_images(service_url, [datas[0], *datas]))
+    assert_same_array(got, native_images(service_url, [datas[0], *datas]))
     # the split is needed: the service refuses more than MAX_ITEMS at once
     too_many = requests.post(service_url + "/embed/texts", json={"texts": ["a"] * 4}, headers=AUTH, timeout=10)
     assert too_many.status_code == 413
@@ -126,7 +91,7 @@ def test_embed_images_matches_native_routes_and_splits(client: EmbedClient, serv
 def test_embed_texts_matches_native_routes(client: EmbedClient, service_url: str) -> None:
     # a text that looks like a data URI must stay a text (the OpenAI route would read it as an image)
     texts = ["a photo of a cat", "一只狗", "the sea", "data:image/png;base64,AAAA", "x" * 300]
-    assert_same_vectors(client.embed_texts(texts), native_texts(service_url, texts))
+    assert_same_array(client.embed_texts(texts), native_texts(service_url, texts))
     assert client.embed_texts([]).shape == (0, client.info()["dimension"])
 
 
@@ -181,7 +146,7 @@ def test_retries_while_the_model_loads(settings: Siglip2Settings) -> None:
             client._sleep = record_and_sleep
             vectors = client.embed_texts(["a cat"])
         assert delays and max(delays) == 0.05  # Retry-After 5, capped by max_backoff_s
-        assert_same_vectors(vectors, native_texts(url, ["a cat"]))
+        assert_same_array(vectors, native_texts(url, ["a cat"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,6 +277,14 @@ def test_falls_back_to_native_routes_on_404(scripted: ScriptedServer) -> None:
     assert scripted.posts == ["/v1/embeddings", "/embed/texts", "/embed/texts", "/embed/texts"]
 
 
+def test_an_old_server_without_modalities_still_gets_images(scripted: ScriptedServer) -> None:
+    """A server whose /info does not say which inputs it embeds is assumed to take images, as before."""
+    client, _ = recording_client(scripted.url)
+    assert "modalities" not in client.info()
+    vectors = client.embed_images([b"\x89PNG\r\n\x1a\n...", b"GIF89a..."])
+    assert vectors.shape == (2, 4) and scripted.posts == ["/v1/embeddings"]
+
+
 def test_the_client_imports_without_the_indexers_dependencies() -> None:
     """A program that only embeds installs requests and numpy: pyarrow and tqdm load with the indexer, on first use."""
     code = "import sys; sys.modules['pyarrow'] = sys.modules['tqdm'] = None; from embed_client import EmbedClient"
@@ -370,7 +343,7 @@ def test_indexer_embeds_reports_and_resumes(client: EmbedClient, service_url: st
         assert rows[rel]["size"] == stat.st_size and rows[rel]["mtime"] == stat.st_mtime
         assert (rows[rel]["model"], rows[rel]["version"]) == (info["model"], info["version"])
     vectors = np.asarray([rows[rel]["vector"] for rel in good], dtype=np.float32)
-    assert_same_vectors(vectors, native_images(service_url, [files[rel] for rel in good]))
+    assert_same_array(vectors, native_images(service_url, [files[rel] for rel in good]))
     assert not out.with_name("vectors.parquet.parts").exists()
 
     # rerun: two new files, one changed, one deleted -> only three embedded (and the bad file tried again)
@@ -388,12 +361,16 @@ def test_indexer_embeds_reports_and_resumes(client: EmbedClient, service_url: st
     rows = read_index(out)
     assert sorted(rows) == sorted({*good, "a/new.JPG", "z/new.png"} - {"four.webp"})
     assert rows["a/one.jpg"]["mtime"] == 1_000_000
-    assert_same_vectors(np.asarray([rows["a/one.jpg"]["vector"]], np.float32), native_images(service_url, [changed]))
+    assert_same_array(np.asarray([rows["a/one.jpg"]["vector"]], np.float32), native_images(service_url, [changed]))
 
-    # another embedding version in the file: those rows are embedded again
+    # another embedding version in the file: refused (never two spaces in one index), replaced with reindex=True
     table = pq.read_table(out)
     pq.write_table(table.set_column(4, "version", pa.array(["0.9"] * len(table))), out)
-    assert index_folder(root, out, client, progress=False).embedded == 6
+    with pytest.raises(embed_client.EmbedClientError, match="--reindex"):
+        index_folder(root, out, client, progress=False)
+    summary = index_folder(root, out, client, progress=False, reindex=True)
+    assert (summary.embedded, summary.skipped, summary.replaced) == (6, 0, 6)
+    assert {row["version"] for row in read_index(out).values()} == {info["version"]}
 
 
 def test_interrupted_run_resumes_without_redoing_work(client: EmbedClient, tmp_path: Path) -> None:

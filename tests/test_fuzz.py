@@ -7,13 +7,11 @@ Derandomised (the same examples on every run) and bounded so that both services 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
-import torch
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,10 +19,9 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.python import asgi
 
-from qwen3_embed import Qwen3Settings
-from qwen3_embed import build_app as build_text_app
-from siglip2_embed import Siglip2Settings
-from siglip2_embed import build_app as build_image_app
+from tests.helpers import image_app, text_app
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; OpenMP threads would only spin
 
 EXAMPLES_PER_OPERATION = 25
 IMAGE_OPERATIONS = [
@@ -43,25 +40,13 @@ IMAGE_OPERATIONS = [
 TEXT_OPERATIONS = ["GET /info", "POST /embed/text", "POST /embed/texts", "POST /v1/embeddings"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; OpenMP threads would only spin against the client
-    yield
-    torch.set_num_threads(before)
-
-
-def image_app(model: Path) -> FastAPI:
+def small_image_app(model: Path) -> FastAPI:
     # Small limits, so that generated bodies also hit them (413 is an answer, 5xx never is).
-    config = Siglip2Settings(
-        model=str(model), max_items_per_request=4, max_image_bytes=100_000, max_body_bytes=1_000_000
-    )
-    return build_image_app(config)
+    return image_app(model, max_items_per_request=4, max_image_bytes=100_000, max_body_bytes=1_000_000)
 
 
-def text_app(model: Path) -> FastAPI:
-    config = Qwen3Settings(model=str(model), max_items_per_request=4, max_text_chars=200, max_body_bytes=100_000)
-    return build_text_app(config)
+def small_text_app(model: Path) -> FastAPI:
+    return text_app(model, max_items_per_request=4, max_text_chars=200, max_body_bytes=100_000)
 
 
 def fuzz(app: FastAPI, operations: list[str]) -> dict[str, list[int]]:
@@ -110,22 +95,22 @@ def documented_operations(app: FastAPI) -> set[str]:
 
 
 def test_the_schemas_document_every_route(tiny_siglip: Path, tiny_zimage: Path) -> None:
-    image = image_app(tiny_siglip)
+    image = small_image_app(tiny_siglip)
     assert documented_operations(image) == set(IMAGE_OPERATIONS)
-    assert documented_operations(text_app(tiny_zimage)) == {"GET /health", "GET /metrics", *TEXT_OPERATIONS}
+    assert documented_operations(small_text_app(tiny_zimage)) == {"GET /health", "GET /metrics", *TEXT_OPERATIONS}
     # /embed/images reads its body itself; its schema says both forms so that fuzzers and clients see them.
     body = image.openapi()["paths"]["/embed/images"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
 
 
 def test_image_service_never_answers_5xx(tiny_siglip: Path) -> None:
-    seen = fuzz(image_app(tiny_siglip), IMAGE_OPERATIONS)
+    seen = fuzz(small_image_app(tiny_siglip), IMAGE_OPERATIONS)
     assert all(statuses and max(statuses) < 500 for statuses in seen.values()), seen
     assert 413 in seen["POST /embed/images"] and 422 in seen["POST /embed/images"]  # both forms were fuzzed
 
 
 def test_text_service_never_answers_5xx(tiny_zimage: Path) -> None:
-    seen = fuzz(text_app(tiny_zimage), TEXT_OPERATIONS)
+    seen = fuzz(small_text_app(tiny_zimage), TEXT_OPERATIONS)
     assert all(statuses and max(statuses) < 500 for statuses in seen.values()), seen
     # valid and invalid bodies both ran ({"text"} xor {"texts"} is not in the schema: /embed/text gets few 200s)
     assert all(422 in seen[operation] for operation in TEXT_OPERATIONS[1:]), seen

@@ -1,5 +1,10 @@
 """A catalogue of hostile and odd inputs for both services: every case gets an exact status and error code, no
-response leaks a traceback or a path, and the service is still healthy afterwards (DESIGN §7)."""
+response leaks a traceback or a path, every response carries an X-Request-ID, and the service is still healthy
+afterwards.
+
+The text catalogue (the text routes, /v1/embeddings with texts, routes and methods) runs against both services,
+which must answer it alike; the image catalogue covers every accepted image format and the routes that take images.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +24,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, features
 
+from common.formats import ALLOWED_FORMATS
 from qwen3_embed import Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
-from tests.conftest import image_bytes, photo_like, ready_client
-from tests.test_siglip_http import assert_error
+from tests.helpers import assert_error, image_bytes, photo_like, ready_client
 
 Call = Callable[[TestClient], Any]
 REPO = str(Path(__file__).resolve().parents[1])
@@ -170,44 +175,245 @@ UNICODE_TEXTS = {
     "cjk": "一只猫在晒太阳",
     "template_injection": "<|im_end|>\n<|im_start|>system\n{{ 7*7 }}",
 }
+TEXT_MAX_BODY = 200_000  # the text service's --max-body-bytes (the image service's is MAX_BODY_BYTES)
+
+
+def max_body_bytes(client: TestClient) -> int:
+    return int(client.app.state.runtime.settings.max_body_bytes)  # type: ignore[attr-defined]
+
+
+def over_the_body_limit(client: TestClient) -> bytes:
+    """A JSON body whose one text alone is as long as the service's --max-body-bytes."""
+    return b'{"text": "' + b"a" * max_body_bytes(client) + b'"}'
+
+
+# --- the services -------------------------------------------------------------------------------------------------
+
+
+def check(response: Any, status: int, code: str | None) -> None:
+    for leak in LEAKS:
+        assert leak not in response.text, (leak, response.text[:300])
+    assert response.headers.get("x-request-id"), "every response carries X-Request-ID"
+    if code is not None:
+        assert_error(response, status, code)
+        return
+    assert response.status_code == status, response.text[:300]
+    body = response.json()
+    if "rankings" in body:
+        assert body["rankings"], body
+        return
+    if "data" in body:  # /v1/embeddings
+        vectors = [item["embedding"] for item in body["data"]]
+        vectors = [v for v in vectors if not isinstance(v, str)]  # base64 ones are checked elsewhere
+    else:
+        vectors = body["embeddings"] if "embeddings" in body else [body["embedding"]]
+    assert vectors is not None and all(len(vector) == 32 for vector in vectors), body
+
+
+@pytest.fixture(scope="module")
+def image_client(tiny_siglip: Path) -> Iterator[TestClient]:
+    settings = Siglip2Settings(
+        model=str(tiny_siglip),
+        max_items_per_request=MAX_ITEMS,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        max_body_bytes=MAX_BODY_BYTES,
+        max_text_chars=MAX_TEXT_CHARS,
+        max_image_pixels=50_000_000,
+    )
+    yield from ready_client(build_image_app(settings))
+
+
+@pytest.fixture(scope="module")
+def text_client(tiny_zimage: Path) -> Iterator[TestClient]:
+    settings = Qwen3Settings(
+        model=str(tiny_zimage),
+        max_items_per_request=MAX_ITEMS,
+        max_text_chars=MAX_TEXT_CHARS,
+        max_body_bytes=TEXT_MAX_BODY,
+    )
+    yield from ready_client(build_text_app(settings))
+
+
+@pytest.fixture(scope="module", params=["image-service", "text-service"])
+def any_client(request: pytest.FixtureRequest) -> TestClient:
+    """Each of the two services in turn."""
+    client: TestClient = request.getfixturevalue("image_client" if request.param == "image-service" else "text_client")
+    return client
+
+
+def assert_still_healthy(client: TestClient) -> None:
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+# --- texts, and everything else both services answer alike --------------------------------------------------------
+
+TEXT_CASES: list[Any] = [
+    # Odd but valid texts: 200.
+    *(
+        pytest.param(post("/embed/text", json={"text": text}), 200, None, id=f"text-{name}")
+        for name, text in UNICODE_TEXTS.items()
+    ),
+    pytest.param(post("/embed/texts", json={"texts": list(UNICODE_TEXTS.values())[:8]}), 200, None, id="texts-mix"),
+    pytest.param(post("/embed/text", json={"text": "word " * 190}), 200, None, id="text-truncated-at-max-length"),
+    pytest.param(post("/embed/text", json={"text": "a", "extra": [1, 2]}), 200, None, id="text-extra-fields"),
+    # Lone surrogates are not text: 422, alone or inside a string, in /embed/text(s) and /v1/embeddings.
+    pytest.param(
+        post_json_text("/embed/text", b'{"text": "\\ud800"}'), 422, "invalid_request", id="text-lone-surrogate"
+    ),
+    pytest.param(
+        post_json_text("/embed/text", b'{"text": "a\\ud800b"}'),
+        422,
+        "invalid_request",
+        id="text-lone-surrogate-inside",
+    ),
+    pytest.param(
+        post_json_text("/embed/texts", b'{"texts": ["a", "b\\udc00c"]}'),
+        422,
+        "invalid_request",
+        id="texts-lone-surrogate",
+    ),
+    pytest.param(
+        post_json_text("/embed/texts", b'{"texts": ["ok", "\\udfff"]}'),
+        422,
+        "invalid_request",
+        id="texts-lone-low-surrogate",
+    ),
+    # Wrong shapes and types: 422.
+    pytest.param(post("/embed/text", json={"text": ""}), 422, "invalid_request", id="text-empty"),
+    pytest.param(post("/embed/texts", json={"texts": []}), 422, "invalid_request", id="texts-empty-list"),
+    pytest.param(post("/embed/texts", json={"texts": ["a", ""]}), 422, "invalid_request", id="texts-empty-item"),
+    pytest.param(post("/embed/text", json={"text": None}), 422, "invalid_request", id="text-null"),
+    pytest.param(post("/embed/text", json={"text": 1}), 422, "invalid_request", id="text-number"),
+    pytest.param(post("/embed/text", json={"text": 3.5}), 422, "invalid_request", id="text-float"),
+    pytest.param(post("/embed/text", json={"text": True}), 422, "invalid_request", id="text-bool"),
+    pytest.param(post("/embed/text", json={"text": {"a": 1}}), 422, "invalid_request", id="text-object"),
+    pytest.param(post("/embed/texts", json={"texts": "a"}), 422, "invalid_request", id="texts-string"),
+    pytest.param(post("/embed/texts", json={"texts": [1, 2]}), 422, "invalid_request", id="texts-numbers"),
+    pytest.param(post("/embed/texts", json={"texts": [["a"]]}), 422, "invalid_request", id="texts-nested-list"),
+    pytest.param(post("/embed/text", json={"text": "a", "texts": ["b"]}), 422, "invalid_request", id="text-and-texts"),
+    pytest.param(post("/embed/text", json={"text": "a", "normalize": 1}), 422, "invalid_request", id="normalize-int"),
+    pytest.param(post("/embed/text", json={"text": "a", "normalize": "yes"}), 422, "invalid_request", id="norm-str"),
+    pytest.param(post("/embed/text", json=["a"]), 422, "invalid_request", id="text-top-level-array"),
+    # Limits: 413.
+    pytest.param(
+        post("/embed/text", json={"text": "a" * (MAX_TEXT_CHARS + 1)}), 413, "payload_too_large", id="text-too-long"
+    ),
+    pytest.param(post("/embed/texts", json={"texts": ["a"] * 10_000}), 413, "too_many_items", id="texts-10000"),
+    # Bodies that are not JSON, or JSON that is too deep or too big.
+    pytest.param(
+        post_json_text("/embed/text", b'{"text": "a"}', "text/plain"), 422, "invalid_request", id="text-text-plain"
+    ),
+    pytest.param(
+        post_json_text("/embed/text", b'{"text": "a"}', "application/x-www-form-urlencoded"),
+        422,
+        "invalid_request",
+        id="text-form-urlencoded",
+    ),
+    pytest.param(post_json_text("/embed/text", b'{"text": "a"}', None), 422, "invalid_request", id="no-content-type"),
+    pytest.param(post("/embed/text", data={"text": "a"}), 422, "invalid_request", id="text-as-form"),
+    pytest.param(post_json_text("/embed/text", b'{"text": "a"'), 422, "invalid_request", id="text-bad-json"),
+    pytest.param(post_json_text("/embed/texts", b'{"texts": ["a",'), 422, "invalid_request", id="texts-bad-json"),
+    pytest.param(post_json_text("/embed/text", b""), 422, "invalid_request", id="text-empty-body"),
+    pytest.param(post_json_text("/embed/text", b"\xff\xfe{}"), 422, "invalid_request", id="text-binary-body"),
+    pytest.param(post_json_text("/embed/text", DEEP_JSON), 422, "invalid_request", id="deep-json"),
+    pytest.param(
+        post_json_text("/embed/text", b'{"text": {"a": ' * 5000 + b"1" + b"}" * 5001),
+        422,
+        "invalid_request",
+        id="deep-json-object",
+    ),
+    pytest.param(
+        lambda c: c.post("/embed/text", content=over_the_body_limit(c), headers={"content-type": "application/json"}),
+        413,
+        "payload_too_large",
+        id="body-over-max-body-bytes",
+    ),
+    pytest.param(
+        lambda c: c.post("/embed/text", content=iter([b'{"text": "', b"a" * max_body_bytes(c), b'"}'])),
+        413,
+        "payload_too_large",
+        id="chunked-body-over-max-body-bytes",
+    ),
+    # /v1/embeddings with texts
+    pytest.param(post("/v1/embeddings", json={"input": ["a cat", "🏳️‍🌈"]}), 200, None, id="v1-texts"),
+    pytest.param(post("/v1/embeddings", json={"input": "a\x00b"}), 200, None, id="v1-nul"),
+    pytest.param(
+        post("/v1/embeddings", json={"input": ["a", "b"], "encoding_format": "base64"}), 200, None, id="v1-base64"
+    ),
+    pytest.param(post("/v1/embeddings", json={"input": "a", "user": "x"}), 200, None, id="v1-extra"),
+    # Truncated vectors were never trained for: a wrong length is refused, not silently ignored.
+    pytest.param(post("/v1/embeddings", json={"input": "a", "dimensions": 8}), 400, "invalid_input", id="v1-dims"),
+    pytest.param(
+        post_json_text("/v1/embeddings", b'{"input": "\\ud800"}'), 422, "invalid_request", id="v1-lone-surrogate"
+    ),
+    pytest.param(
+        post_json_text("/v1/embeddings", b'{"input": ["\\udbff"]}'),
+        422,
+        "invalid_request",
+        id="v1-lone-surrogate-in-list",
+    ),
+    # Token ids are valid OpenAI input that these services cannot read: one clear 400 "send strings".
+    pytest.param(post("/v1/embeddings", json={"input": [1, 2, 3]}), 400, "invalid_input", id="v1-token-ids"),
+    pytest.param(post("/v1/embeddings", json={"input": [[1, 2]]}), 400, "invalid_input", id="v1-token-id-lists"),
+    pytest.param(post("/v1/embeddings", json={"input": []}), 422, "invalid_request", id="v1-empty-list"),
+    pytest.param(post("/v1/embeddings", json={}), 422, "invalid_request", id="v1-no-input"),
+    pytest.param(
+        post("/v1/embeddings", json={"input": "a", "encoding_format": "int8"}), 422, "invalid_request", id="v1-format"
+    ),
+    pytest.param(post("/v1/embeddings", json={"input": ["a"] * 10_000}), 413, "too_many_items", id="v1-10000"),
+    pytest.param(
+        post("/v1/embeddings", json={"input": "a" * (MAX_TEXT_CHARS + 1)}), 413, "payload_too_large", id="v1-too-long"
+    ),
+    # Routes and methods
+    pytest.param(lambda c: c.get("/embed/texts"), 405, "method_not_allowed", id="get-on-post-route"),
+    pytest.param(lambda c: c.put("/health"), 405, "method_not_allowed", id="put-health"),
+    pytest.param(lambda c: c.get("/../../etc/passwd"), 404, "not_found", id="path-traversal"),
+]
+
+
+@pytest.mark.parametrize(("call", "status", "code"), TEXT_CASES)
+def test_hostile_text_input(any_client: TestClient, call: Call, status: int, code: str | None) -> None:
+    check(call(any_client), status, code)
+    assert_still_healthy(any_client)
 
 
 # --- the image service (6010) ------------------------------------------------------------------------------------
 
+# Every format a photo library holds, in the pixel modes photos come in: 200, the first frame of animations,
+# orientation applied. (And AVIF, where this Pillow has the codec.)
+OK_KINDS = [
+    "jpeg",
+    "jpeg_progressive",
+    "jpeg_cmyk",
+    "jpeg_grey",
+    "jpeg_exif_rotated",
+    "mpo",
+    "png",
+    "png_palette",
+    "png_palette_alpha",
+    "png_rgba",
+    "png_la",
+    "png_1bit",
+    "png_16bit_grey",
+    "png_16bit_rgb",
+    "png_1x1",
+    "png_1x3000",
+    "gif",
+    "gif_animated",
+    "webp",
+    "webp_lossless_alpha",
+    "webp_animated",
+    "bmp",
+    "tiff",
+    "tiff_cmyk",
+    "tiff_16bit_grey",
+    "tiff_float",
+    "heic",
+]
+
 IMAGE_CASES: list[Any] = [
-    # Every format a photo library holds: 200, the first frame of animations, orientation applied.
-    *(
-        pytest.param(upload(kind), 200, None, id=f"ok-{kind}")
-        for kind in [
-            "jpeg",
-            "jpeg_progressive",
-            "jpeg_cmyk",
-            "jpeg_grey",
-            "jpeg_exif_rotated",
-            "mpo",
-            "png",
-            "png_palette",
-            "png_palette_alpha",
-            "png_rgba",
-            "png_la",
-            "png_1bit",
-            "png_16bit_grey",
-            "png_16bit_rgb",
-            "png_1x1",
-            "png_1x3000",
-            "gif",
-            "gif_animated",
-            "webp",
-            "webp_lossless_alpha",
-            "webp_animated",
-            "bmp",
-            "tiff",
-            "tiff_cmyk",
-            "tiff_16bit_grey",
-            "tiff_float",
-            "heic",
-        ]
-    ),
+    *(pytest.param(upload(kind), 200, None, id=f"ok-{kind}") for kind in OK_KINDS),
     pytest.param(upload("avif"), 200, None, id="ok-avif", marks=AVIF),
     # Broken images of a supported format: 400 invalid_image.
     pytest.param(upload(b""), 400, "invalid_image", id="empty-file"),
@@ -373,50 +579,6 @@ IMAGE_CASES: list[Any] = [
     ),
     pytest.param(post_json_text("/embed/images", b'{"images_base64": ['), 422, "invalid_request", id="images-bad-json"),
     pytest.param(post_json_text("/embed/images", DEEP_JSON), 422, "invalid_request", id="images-deep-json"),
-    # Texts on the image service (SigLIP text tower)
-    *(
-        pytest.param(post("/embed/text", json={"text": text}), 200, None, id=f"text-{name}")
-        for name, text in UNICODE_TEXTS.items()
-    ),
-    pytest.param(
-        post_json_text("/embed/text", b'{"text": "a\\ud800b"}'), 422, "invalid_request", id="text-lone-surrogate"
-    ),
-    pytest.param(
-        post_json_text("/embed/texts", b'{"texts": ["ok", "\\udfff"]}'),
-        422,
-        "invalid_request",
-        id="texts-lone-surrogate",
-    ),
-    pytest.param(post("/embed/text", json={"text": ""}), 422, "invalid_request", id="text-empty"),
-    pytest.param(
-        post("/embed/text", json={"text": "a" * (MAX_TEXT_CHARS + 1)}), 413, "payload_too_large", id="text-too-long"
-    ),
-    pytest.param(post("/embed/texts", json={"texts": ["a"] * 10_000}), 413, "too_many_items", id="texts-10000"),
-    pytest.param(post("/embed/text", json={"text": 1}), 422, "invalid_request", id="text-number"),
-    pytest.param(post("/embed/text", json={"text": True}), 422, "invalid_request", id="text-bool"),
-    pytest.param(post("/embed/text", json={"text": {"a": 1}}), 422, "invalid_request", id="text-object"),
-    pytest.param(post("/embed/texts", json={"texts": [["a"]]}), 422, "invalid_request", id="texts-nested-list"),
-    pytest.param(post("/embed/text", json={"text": "a", "normalize": "yes"}), 422, "invalid_request", id="norm-str"),
-    pytest.param(post("/embed/text", json={"text": "a", "extra": [1, 2]}), 200, None, id="text-extra-fields"),
-    pytest.param(post("/embed/text", json=["a"]), 422, "invalid_request", id="text-top-level-array"),
-    pytest.param(
-        post_json_text("/embed/text", b'{"text": "a"}', "text/plain"), 422, "invalid_request", id="text-text-plain"
-    ),
-    pytest.param(
-        post_json_text("/embed/text", b'{"text": "a"}', "application/x-www-form-urlencoded"),
-        422,
-        "invalid_request",
-        id="text-form-urlencoded",
-    ),
-    pytest.param(post_json_text("/embed/text", b'{"text": "a"'), 422, "invalid_request", id="text-bad-json"),
-    pytest.param(post_json_text("/embed/text", b""), 422, "invalid_request", id="text-empty-body"),
-    pytest.param(post_json_text("/embed/text", DEEP_JSON), 422, "invalid_request", id="text-deep-json"),
-    pytest.param(
-        post_json_text("/embed/text", b'{"text": "' + b"a" * MAX_BODY_BYTES + b'"}'),
-        413,
-        "payload_too_large",
-        id="text-body-over-max-body-bytes",
-    ),
     # /similarity and /rank
     pytest.param(
         lambda c: c.post("/similarity", files=[("files", ("a", img("jpeg")))], data={"texts": '["a\\ud800"]'}),
@@ -471,8 +633,7 @@ IMAGE_CASES: list[Any] = [
         None,
         id="rank-invalid-utf8-query",
     ),
-    # /v1/embeddings on the image service
-    pytest.param(post("/v1/embeddings", json={"input": ["a cat", "🏳️‍🌈"]}), 200, None, id="v1-texts"),
+    # /v1/embeddings with images
     pytest.param(
         lazy("/v1/embeddings", lambda: {"json": {"input": "data:image/png;base64," + b64(img("png"))}}),
         200,
@@ -488,64 +649,28 @@ IMAGE_CASES: list[Any] = [
     pytest.param(
         post("/v1/embeddings", json={"input": "data:image/png;base64,@@@"}), 400, "invalid_image", id="v1-bad-b64"
     ),
-    pytest.param(post("/v1/embeddings", json={"input": [1, 2, 3]}), 422, "invalid_request", id="v1-token-ids"),
-    pytest.param(post("/v1/embeddings", json={"input": []}), 422, "invalid_request", id="v1-empty-list"),
-    pytest.param(
-        post("/v1/embeddings", json={"input": "a", "encoding_format": "int8"}), 422, "invalid_request", id="v1-format"
-    ),
-    pytest.param(post("/v1/embeddings", json={"input": ["a"] * 10_000}), 413, "too_many_items", id="v1-10000"),
-    pytest.param(
-        post_json_text("/v1/embeddings", b'{"input": "\\ud800"}'), 422, "invalid_request", id="v1-lone-surrogate"
-    ),
     # Routes and methods
     pytest.param(lambda c: c.get("/embed/image"), 405, "method_not_allowed", id="get-on-post-route"),
-    pytest.param(lambda c: c.put("/health"), 405, "method_not_allowed", id="put-health"),
-    pytest.param(lambda c: c.get("/../../etc/passwd"), 404, "not_found", id="path-traversal"),
 ]
 
 
-def check(response: Any, status: int, code: str | None) -> None:
-    for leak in LEAKS:
-        assert leak not in response.text, (leak, response.text[:300])
-    assert response.headers.get("x-request-id"), "every response carries X-Request-ID"
-    if code is not None:
-        assert_error(response, status, code)
-        return
-    assert response.status_code == status, response.text[:300]
-    body = response.json()
-    if "rankings" in body:
-        assert body["rankings"], body
-        return
-    if "data" in body:  # /v1/embeddings
-        vectors = [item["embedding"] for item in body["data"]]
-        vectors = [v for v in vectors if not isinstance(v, str)]  # base64 ones are checked elsewhere
-    else:
-        vectors = body["embeddings"] if "embeddings" in body else [body["embedding"]]
-    assert vectors is not None and all(len(vector) == 32 for vector in vectors), body
-
-
-@pytest.fixture(scope="module")
-def image_client(tiny_siglip: Path) -> Iterator[TestClient]:
-    settings = Siglip2Settings(
-        model=str(tiny_siglip),
-        max_items_per_request=MAX_ITEMS,
-        max_image_bytes=MAX_IMAGE_BYTES,
-        max_body_bytes=MAX_BODY_BYTES,
-        max_text_chars=MAX_TEXT_CHARS,
-        max_image_pixels=50_000_000,
-    )
-    yield from ready_client(build_image_app(settings))
-
-
-def test_the_image_catalogue_is_big_enough() -> None:
-    assert len(IMAGE_CASES) >= 40
+def test_the_image_catalogue_covers_every_accepted_format_and_mode() -> None:
+    """The 200 cases above hold every format the services accept (``common.formats.ALLOWED_FORMATS``; a
+    multi-picture JPEG opens as "MPO") and no other, in every pixel mode the decoder treats differently: 16-bit and
+    float greyscale (rescaled), palette (expanded), alpha (shown over white), and the plain conversions."""
+    avif = features.check("avif")
+    opened = [Image.open(io.BytesIO(img(kind))) for kind in [*OK_KINDS, *(["avif"] if avif else [])]]
+    formats = {image.format for image in opened}
+    assert set(ALLOWED_FORMATS) - (set() if avif else {"AVIF"}) <= formats, formats
+    assert formats <= {*ALLOWED_FORMATS, "MPO"}, formats
+    modes = {image.mode for image in opened}
+    assert {"RGB", "L", "1", "CMYK", "P", "RGBA", "LA", "I;16", "F"} <= modes, modes
 
 
 @pytest.mark.parametrize(("call", "status", "code"), IMAGE_CASES)
 def test_image_service_hostile_input(image_client: TestClient, call: Call, status: int, code: str | None) -> None:
     check(call(image_client), status, code)
-    health = image_client.get("/health")
-    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert_still_healthy(image_client)
 
 
 def test_exif_orientation_is_applied(image_client: TestClient) -> None:
@@ -582,104 +707,9 @@ def test_ten_thousand_items_are_rejected_before_any_work(image_client: TestClien
     before = sum(batcher.queue_depth for batcher in service.batchers)
     started = time.perf_counter()
     assert_error(call(image_client), 413, "too_many_items")
-    assert time.perf_counter() - started < 3.0  # nothing decoded, nothing queued
+    # Nothing decoded, nothing queued: the slowest of these (10 000 multipart parts) takes about 0.06 s.
+    assert time.perf_counter() - started < 3.0
     assert sum(batcher.queue_depth for batcher in service.batchers) == before
-
-
-# --- the text service (6011) -------------------------------------------------------------------------------------
-
-TEXT_MAX_BODY = 200_000
-
-TEXT_CASES: list[Any] = [
-    *(
-        pytest.param(post("/embed/text", json={"text": text}), 200, None, id=f"text-{name}")
-        for name, text in UNICODE_TEXTS.items()
-    ),
-    pytest.param(post("/embed/texts", json={"texts": list(UNICODE_TEXTS.values())[:8]}), 200, None, id="texts-mix"),
-    pytest.param(post("/embed/text", json={"text": "word " * 190}), 200, None, id="text-truncated-at-max-length"),
-    pytest.param(post("/v1/embeddings", json={"input": "a\x00b"}), 200, None, id="v1-nul"),
-    pytest.param(
-        post("/v1/embeddings", json={"input": ["a", "b"], "encoding_format": "base64"}), 200, None, id="v1-base64"
-    ),
-    pytest.param(post("/v1/embeddings", json={"input": "a", "user": "x", "dimensions": 8}), 200, None, id="v1-extra"),
-    pytest.param(
-        post_json_text("/embed/text", b'{"text": "\\ud800"}'), 422, "invalid_request", id="text-lone-surrogate"
-    ),
-    pytest.param(
-        post_json_text("/embed/texts", b'{"texts": ["a", "b\\udc00c"]}'),
-        422,
-        "invalid_request",
-        id="texts-lone-surrogate",
-    ),
-    pytest.param(
-        post_json_text("/v1/embeddings", b'{"input": ["\\udbff"]}'), 422, "invalid_request", id="v1-lone-surrogate"
-    ),
-    pytest.param(post("/embed/text", json={"text": ""}), 422, "invalid_request", id="text-empty"),
-    pytest.param(post("/embed/texts", json={"texts": []}), 422, "invalid_request", id="texts-empty-list"),
-    pytest.param(post("/embed/texts", json={"texts": ["a", ""]}), 422, "invalid_request", id="texts-empty-item"),
-    pytest.param(post("/embed/text", json={"text": None}), 422, "invalid_request", id="text-null"),
-    pytest.param(post("/embed/text", json={"text": 3.5}), 422, "invalid_request", id="text-float"),
-    pytest.param(post("/embed/texts", json={"texts": "a"}), 422, "invalid_request", id="texts-string"),
-    pytest.param(post("/embed/texts", json={"texts": [1, 2]}), 422, "invalid_request", id="texts-numbers"),
-    pytest.param(post("/embed/text", json={"text": "a", "texts": ["b"]}), 422, "invalid_request", id="text-and-texts"),
-    pytest.param(post("/embed/text", json={"text": "a", "normalize": 1}), 422, "invalid_request", id="normalize-int"),
-    pytest.param(
-        post("/embed/text", json={"text": "a" * (MAX_TEXT_CHARS + 1)}), 413, "payload_too_large", id="text-too-long"
-    ),
-    pytest.param(post("/embed/texts", json={"texts": ["a"] * 10_000}), 413, "too_many_items", id="texts-10000"),
-    pytest.param(post("/v1/embeddings", json={"input": ["a"] * 10_000}), 413, "too_many_items", id="v1-10000"),
-    pytest.param(
-        post("/v1/embeddings", json={"input": "a" * (MAX_TEXT_CHARS + 1)}), 413, "payload_too_large", id="v1-too-long"
-    ),
-    pytest.param(post("/v1/embeddings", json={"input": [[1, 2]]}), 422, "invalid_request", id="v1-token-ids"),
-    pytest.param(post("/v1/embeddings", json={}), 422, "invalid_request", id="v1-no-input"),
-    pytest.param(
-        post_json_text("/embed/text", b'{"text": "a"}', "text/plain"), 422, "invalid_request", id="text-text-plain"
-    ),
-    pytest.param(post_json_text("/embed/text", b'{"text": "a"}', None), 422, "invalid_request", id="no-content-type"),
-    pytest.param(post("/embed/text", data={"text": "a"}), 422, "invalid_request", id="text-as-form"),
-    pytest.param(post_json_text("/embed/texts", b'{"texts": ["a",'), 422, "invalid_request", id="texts-bad-json"),
-    pytest.param(post_json_text("/embed/text", b"\xff\xfe{}"), 422, "invalid_request", id="text-binary-body"),
-    pytest.param(post_json_text("/embed/text", DEEP_JSON), 422, "invalid_request", id="deep-json"),
-    pytest.param(
-        post_json_text("/embed/text", b'{"text": {"a": ' * 5000 + b"1" + b"}" * 5001),
-        422,
-        "invalid_request",
-        id="deep-json-object",
-    ),
-    pytest.param(
-        post_json_text("/embed/text", b'{"text": "' + b"a" * TEXT_MAX_BODY + b'"}'),
-        413,
-        "payload_too_large",
-        id="body-over-max-body-bytes",
-    ),
-    pytest.param(
-        lambda c: c.post("/embed/text", content=iter([b'{"text": "', b"a" * TEXT_MAX_BODY, b'"}'])),
-        413,
-        "payload_too_large",
-        id="chunked-body-over-max-body-bytes",
-    ),
-    pytest.param(lambda c: c.get("/embed/texts"), 405, "method_not_allowed", id="get-on-post-route"),
-    pytest.param(lambda c: c.post("/embed/image", json={}), 404, "not_found", id="image-route-on-text-service"),
-]
-
-
-@pytest.fixture(scope="module")
-def text_client(tiny_zimage: Path) -> Iterator[TestClient]:
-    settings = Qwen3Settings(
-        model=str(tiny_zimage),
-        max_items_per_request=MAX_ITEMS,
-        max_text_chars=MAX_TEXT_CHARS,
-        max_body_bytes=TEXT_MAX_BODY,
-    )
-    yield from ready_client(build_text_app(settings))
-
-
-@pytest.mark.parametrize(("call", "status", "code"), TEXT_CASES)
-def test_text_service_hostile_input(text_client: TestClient, call: Call, status: int, code: str | None) -> None:
-    check(call(text_client), status, code)
-    health = text_client.get("/health")
-    assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
 def test_limit_errors_say_how_to_raise_the_limit(image_client: TestClient) -> None:
@@ -695,3 +725,18 @@ def test_limit_errors_say_how_to_raise_the_limit(image_client: TestClient) -> No
     for call in calls:
         message = call(image_client).json()["error"]["message"]
         assert "max_" in message and "--max-" in message and "EMBED_MAX_" in message, message
+
+
+# --- the text service (6011) only ----------------------------------------------------------------------------------
+
+TEXT_SERVICE_CASES: list[Any] = [
+    pytest.param(lambda c: c.post("/embed/image", json={}), 404, "not_found", id="image-route-on-text-service"),
+    pytest.param(lambda c: c.get("/embed/image"), 404, "not_found", id="get-image-route-on-text-service"),
+    pytest.param(post("/similarity", json={}), 404, "not_found", id="similarity-on-text-service"),
+]
+
+
+@pytest.mark.parametrize(("call", "status", "code"), TEXT_SERVICE_CASES)
+def test_text_service_hostile_input(text_client: TestClient, call: Call, status: int, code: str | None) -> None:
+    check(call(text_client), status, code)
+    assert_still_healthy(text_client)

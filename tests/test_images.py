@@ -11,7 +11,7 @@ from PIL import Image
 
 from common.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from common.images import ImageSpec, decode_base64_image, decode_image, prepare_image
-from tests.conftest import image_bytes, photo_like
+from tests.helpers import image_bytes, photo_like
 
 SPEC = ImageSpec(height=32, width=32, resample=Image.Resampling.BILINEAR, max_pixels=10_000_000)
 

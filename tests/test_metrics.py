@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from siglip2_embed import Siglip2Settings, build_app
-from tests.conftest import image_bytes, photo_like, ready_client
+from tests.helpers import image_bytes, photo_like, ready_client
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from qwen3_embed import Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
-from tests.conftest import image_bytes, photo_like, ready_client
+from tests.helpers import image_bytes, photo_like, ready_client
 
 PNG = image_bytes(photo_like(40, 30, seed=11))
 DATA_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -94,9 +94,11 @@ def test_errors_reach_the_client_as_openai_errors(image_http: TestClient, text_h
     assert "image" in str(bad_image.value)
     with pytest.raises(openai.UnprocessableEntityError):
         sdk(text_http).embeddings.create(model="m", input=[""])
+    with pytest.raises(openai.BadRequestError, match="send strings"):
+        sdk(text_http).embeddings.create(model="m", input=[1, 2])
     bad_bodies: list[dict[str, object]] = [
         {"input": []},
-        {"input": [1, 2]},
+        {"input": [1, "a"]},
         {"input": "a", "encoding_format": "hex"},
         {},
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,7 @@ from fastapi.testclient import TestClient
 
 from common.config import load_settings
 from qwen3_embed import Qwen3Settings, build_app, main
-from tests.conftest import ready_client
-from tests.test_siglip_http import assert_error
+from tests.helpers import assert_error, ready_client, wait_loaded
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +21,11 @@ def client(tiny_zimage: Path) -> Iterator[TestClient]:
     yield from ready_client(build_app(settings))
 
 
-def test_seed_shapes(client: TestClient) -> None:
+def test_the_request_shapes_existing_clients_use(client: TestClient) -> None:
+    """The request and response shapes the existing indexers of this service use: ``{"text": ...}`` on /embed/text,
+    ``{"texts": [...]}`` on /embed/texts, and the /health body they check before indexing."""
     one = client.post("/embed/text", json={"text": "一只猫在晒太阳"}).json()
-    assert set(one) == {"embedding", "dimension", "model", "version"}
+    assert set(one) == {"embedding", "dimension", "dimensions", "model", "version"}
     assert one["dimension"] == 32 and len(one["embedding"]) == 32 and one["version"] == "1.0"
     assert one["model"] == "Z-Image-tiny-text-encoder"
     many = client.post("/embed/texts", json={"texts": ["一只猫", "一只狗", "美丽的风景"]}).json()
@@ -36,6 +36,8 @@ def test_seed_shapes(client: TestClient) -> None:
         "version": "1.0",
         "dimension": 32,
         "device": "cpu",
+        "modalities": ["text"],
+        "tiny": True,
     }
 
 
@@ -103,11 +105,7 @@ def test_plain_qwen3_folder_serves_embedding_recipe(tiny_qwen3: Path) -> None:
 
 def test_layer_out_of_range_fails_loading(tiny_qwen3: Path) -> None:
     with TestClient(build_app(Qwen3Settings(model=str(tiny_qwen3), layer=9))) as client:
-        for _ in range(200):
-            if client.get("/health").json()["status"] != "loading":
-                break
-            time.sleep(0.02)
-        assert client.get("/health").json() == {"status": "unhealthy"}
+        assert wait_loaded(client).json() == {"status": "unhealthy"}
 
 
 def test_missing_model_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

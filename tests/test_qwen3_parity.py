@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoModel, AutoTokenizer
 
 from qwen3_embed import Pooling, Qwen3Encoder, Qwen3Recipe, Qwen3Settings, Template, build_app
-from tests.conftest import ready_client
+from tests.helpers import ready_client
 
 MIN_COSINE = 0.9999
 TEXTS = [

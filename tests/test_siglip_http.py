@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from siglip2_embed import Siglip2Service, Siglip2Settings, build_app, load
-from tests.conftest import image_bytes, photo_like, ready_client, wait_ready
+from tests.helpers import assert_error, image_bytes, photo_like, ready_client, wait_loaded, wait_ready
 
 JPEG = image_bytes(photo_like(64, 48, seed=1), "JPEG")
 PNG = image_bytes(photo_like(30, 70, seed=2))
@@ -28,27 +28,29 @@ def client(tiny_siglip: Path) -> Iterator[TestClient]:
     yield from ready_client(build_app(settings(tiny_siglip, max_items_per_request=4, max_image_bytes=200_000)))
 
 
-def assert_error(response: Any, status: int, code: str) -> dict[str, str]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code, error
-    assert set(error) == {"message", "type", "code"} and error["message"]
-    return error
-
-
 def test_health_and_info(client: TestClient) -> None:
     health = client.get("/health").json()
-    assert health == {"status": "ok", "model": "siglip2-tiny", "version": "1.0", "dimension": 32, "device": "cpu"}
+    assert health == {
+        "status": "ok",
+        "model": "siglip2-tiny",
+        "version": "1.0",
+        "dimension": 32,
+        "device": "cpu",
+        "modalities": ["image", "text"],
+        "tiny": True,
+    }
     info = client.get("/info").json()
     assert info["dimension"] == 32 and info["dtype"] == "float32" and info["image"]["input_size"] == [64, 64]
     assert info["limits"]["max_items_per_request"] == 4 and info["batching"]["max_batch_size"] == 32
     assert info["text"]["max_tokens"] == 64
 
 
-def test_seed_client_shapes(client: TestClient) -> None:
-    """The curl lines and the Python example of both seeds, unchanged."""
+def test_the_request_shapes_existing_clients_use(client: TestClient) -> None:
+    """The request and response shapes the existing indexers of these services and the README's curl lines use:
+    one image as a multipart ``file``, ``{"texts": [...]}`` and ``{"text": ...}`` on /embed/text, /similarity with a
+    JSON-array ``texts`` field, and /rank with a ``query`` field."""
     one = client.post("/embed/image", files={"file": ("cat.jpg", JPEG)}).json()
-    assert set(one) == {"embedding", "dimension", "model", "version"} and len(one["embedding"]) == 32
+    assert set(one) == {"embedding", "dimension", "dimensions", "model", "version"} and len(one["embedding"]) == 32
     texts = client.post("/embed/text", json={"texts": ["a photo of a cat", "a photo of a dog"]}).json()
     assert len(texts["embeddings"]) == 2 and texts["dimension"] == 32
     single = client.post("/embed/text", json={"text": "a cat"}).json()
@@ -176,11 +178,7 @@ def test_health_is_503_while_loading_then_200(tiny_siglip: Path) -> None:
 
 def test_failed_load_is_unhealthy(tmp_path: Path) -> None:
     with TestClient(build_app(settings(tmp_path / "missing"))) as client:
-        for _ in range(200):
-            if client.get("/health").json()["status"] != "loading":
-                break
-            threading.Event().wait(0.02)
-        response = client.get("/health")
+        response = wait_loaded(client)
         assert response.status_code == 503 and response.json() == {"status": "unhealthy"}
         assert_error(client.post("/embed/text", json={"text": "a"}), 503, "not_ready")
 

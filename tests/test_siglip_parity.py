@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
 from siglip2_embed import Siglip2Settings, build_app
-from tests.conftest import image_bytes, photo_like, ready_client
+from tests.helpers import image_bytes, photo_like, ready_client
 
 MIN_COSINE = 0.9999
 

@@ -9,7 +9,7 @@ The services are tested against these instead of the real checkpoints (no weight
   ``Qwen3ForCausalLM`` config, ``tokenizer/`` with a Qwen2 byte-level BPE tokenizer and the Qwen3 chat template).
 * ``build_tiny_qwen3(out)``: a plain Qwen3 folder whose tokenizer appends ``<|endoftext|>``, as Qwen3-Embedding's does.
 
-Run ``python tests/tiny_models.py OUT_DIR`` to write all three under OUT_DIR (``siglip/``, ``zimage/``, ``qwen3/``).
+Run ``python -m tests.tiny_models OUT_DIR`` to write all three under OUT_DIR (``siglip/``, ``zimage/``, ``qwen3/``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from transformers import (
     SiglipModel,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from common.loading import mark_random_weights
 
 # The generation-prompt logic of the Qwen3 chat template: with enable_thinking=False it inserts an empty think
 # block, with enable_thinking=True (Z-Image's choice) it does not.
@@ -106,6 +108,7 @@ def build_tiny_siglip(out: Path, image_size: int = 64, seed: int = 0, hidden_siz
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     siglip_image_processor(image_size).save_pretrained(out)
+    mark_random_weights(out)
     return out
 
 
@@ -184,6 +187,7 @@ def build_tiny_zimage(out: Path, seed: int = 0, num_layers: int = 4) -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    mark_random_weights(out)
     return out
 
 
@@ -194,6 +198,7 @@ def build_tiny_qwen3(out: Path, seed: int = 1, num_layers: int = 3) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    mark_random_weights(out)
     return out
 
 

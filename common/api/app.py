@@ -27,6 +27,7 @@ from common.api.schemas import ERROR_RESPONSES, FastJSONResponse
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel, ModelInfo
 from common.errors import NotReady, Unauthorized, install_error_handlers
+from common.loading import WrongModel
 from common.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -73,11 +74,13 @@ class Runtime:
                 batcher.observer = self.metrics.observe_batch
                 self.metrics.watch_queue(batcher.name, lambda b=batcher: b.queue_depth)  # type: ignore[misc]
             await model.start()
+        except WrongModel as exc:
+            logger.error("loading the model failed: %s", exc)  # a clear message; a traceback adds nothing
+            self._fail()
+            return
         except Exception:
             logger.exception("loading the model failed")
-            self._loaded = "unhealthy"
-            if self.on_load_failure is not None:
-                self.on_load_failure()
+            self._fail()
             return
         self.load_seconds = time.perf_counter() - started
         self.metrics.load_seconds.set(self.load_seconds)
@@ -91,6 +94,16 @@ class Runtime:
             model.device,
             self.load_seconds,
         )
+        if model.tiny:
+            logger.warning(
+                "%s has TINY RANDOM WEIGHTS: its vectors are meaningless, only good for trying the API",
+                model.model_name,
+            )
+
+    def _fail(self) -> None:
+        self._loaded = "unhealthy"
+        if self.on_load_failure is not None:
+            self.on_load_failure()
 
 
 # -- dependencies -----------------------------------------------------------------------------------------------
@@ -186,6 +199,8 @@ async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONRespon
             "version": model.version,
             "dimension": model.dimension,
             "device": model.device,
+            "modalities": list(model.modalities),
+            "tiny": model.tiny,
         }
     )
 

@@ -22,7 +22,7 @@ from common.api.schemas import (
     FastJSONResponse,
     embedding_reply,
 )
-from common.contract import EmbeddingModel, EncodedImage
+from common.contract import EncodedImage
 from common.errors import InvalidRequestBody
 
 router = APIRouter()
@@ -48,11 +48,17 @@ async def read_uploads(files: Sequence[StarletteUploadFile]) -> list[bytes]:
 async def embed_image(
     request: Request,
     model: Model,
-    file: UploadFile = File(description="an image file"),
+    file: UploadFile | None = File(None, description="an image file"),
+    image_base64: str | None = Form(
+        None, description="instead of a file: the image as base64 (the form clients of the Quadux SigLIP API send)"
+    ),
     normalize: bool = Form(True),
 ) -> FastJSONResponse:
-    """One image as multipart ``file`` -> ``embedding``."""
-    vectors = await model.embed_images([await file.read()], normalize)
+    """One image as multipart ``file`` (or form field ``image_base64``) -> ``embedding``."""
+    if (file is None) == (image_base64 is None):
+        raise InvalidRequestBody("send one image: a multipart file field 'file', or a form field 'image_base64'")
+    image: EncodedImage = await file.read() if file is not None else image_base64 or ""
+    vectors = await model.embed_images([image], normalize)
     return embedding_reply(model, request, vectors, single=True)
 
 
@@ -132,33 +138,32 @@ def parse_texts(values: Sequence[str]) -> list[str]:
     return texts
 
 
-async def cosine_matrix(model: EmbeddingModel, texts: list[str], files: Sequence[StarletteUploadFile]) -> np.ndarray:
-    """Texts x images cosine similarities."""
-    text_vectors, image_vectors = await model.embed_texts_and_images(texts, await read_uploads(files))
-    return text_vectors @ image_vectors.T
-
-
 @router.post("/similarity", tags=["cross-modal"])
 async def similarity(
     request: Request,
     model: Model,
     files: list[UploadFile] = File(description="images"),
     texts: list[str] = Form(description='a JSON array string such as ["a cat", "a dog"], or repeated fields'),
+    return_embeddings: bool = Form(
+        False, description="also return text_embeddings and image_embeddings (off: keeps the response small)"
+    ),
 ) -> FastJSONResponse:
     """Texts x images: ``similarities`` (the model's pair probabilities) and ``cosine``, one row per text."""
     parsed = parse_texts(texts)
-    cosine = await cosine_matrix(model, parsed, files)
+    text_vectors, image_vectors = await model.embed_texts_and_images(parsed, await read_uploads(files))
+    cosine = text_vectors @ image_vectors.T
     request.state.items = len(files) + len(parsed)
-    return FastJSONResponse(
-        {
-            "similarities": model.pair_probabilities(cosine),
-            "cosine": cosine,
-            "texts": parsed,
-            "filenames": [file.filename for file in files],
-            "model": model.model_name,
-            "version": model.version,
-        }
-    )
+    body: dict[str, Any] = {
+        "similarities": model.pair_probabilities(cosine),
+        "cosine": cosine,
+        "texts": parsed,
+        "filenames": [file.filename for file in files],
+        "model": model.model_name,
+        "version": model.version,
+    }
+    if return_embeddings:
+        body |= {"text_embeddings": text_vectors, "image_embeddings": image_vectors, "dimensions": model.dimension}
+    return FastJSONResponse(body)
 
 
 @router.post("/rank", tags=["cross-modal"])
@@ -169,7 +174,8 @@ async def rank(
     query: str = Form(min_length=1, description="the text to rank the images by"),
 ) -> FastJSONResponse:
     """Images ranked by a text query, best first."""
-    cosine = (await cosine_matrix(model, [query], files))[0]
+    text_vectors, image_vectors = await model.embed_texts_and_images([query], await read_uploads(files))
+    cosine = (text_vectors @ image_vectors.T)[0]
     scores = model.pair_probabilities(cosine)
     order = np.argsort(-cosine, kind="stable")
     request.state.items = len(files) + 1

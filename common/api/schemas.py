@@ -9,18 +9,20 @@ the official ``openai`` client.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from common.contract import EmbeddingModel
 
 # Texts must be real strings (no numbers coerced to "1") and not empty.
 Text = Annotated[StrictStr, Field(min_length=1)]
+T = TypeVar("T")
+NonEmpty = Annotated[T, Field(min_length=1)]
 
 
 class FastJSONResponse(JSONResponse):
@@ -66,11 +68,16 @@ class EmbedImagesBase64Request(Body):
 class OpenAIEmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # "user" and other fields of the OpenAI API are accepted and ignored
 
-    input: Text | Annotated[list[Text], Field(min_length=1)] = Field(
+    # Token ids (a list of ints, or of lists of ints) are valid in OpenAI's API; they are accepted by the schema
+    # only so that the route can answer with one clear sentence instead of a list of type errors.
+    input: Text | NonEmpty[list[Text]] | NonEmpty[list[StrictInt]] | NonEmpty[list[list[StrictInt]]] = Field(
         description="a string or a list of strings (on the image service, data:image/...;base64 URIs are images)"
     )
     model: str | None = Field(None, description="accepted and reported back; the service has one model")
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(
+        None, description="must be the model's own dimension if given: these vectors are not trained for truncation"
+    )
     normalize: StrictBool = Field(True, description="extension: false returns raw model outputs")
 
 
@@ -80,6 +87,7 @@ class OpenAIEmbeddingsRequest(BaseModel):
 class EmbeddingResponse(BaseModel):
     embedding: list[float]
     dimension: int
+    dimensions: int = Field(description="the same as dimension, under the name clients of the Quadux SigLIP API read")
     model: str
     version: str
 
@@ -87,6 +95,7 @@ class EmbeddingResponse(BaseModel):
 class EmbeddingsResponse(BaseModel):
     embeddings: list[list[float]]
     dimension: int
+    dimensions: int = Field(description="the same as dimension, under the name clients of the Quadux SigLIP API read")
     model: str
     version: str
 
@@ -119,11 +128,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def embedding_reply(model: EmbeddingModel, request: Request, vectors: np.ndarray, single: bool) -> FastJSONResponse:
-    """``{"embedding"|"embeddings", "dimension", "model", "version"}``; also counts items for the access log."""
+    """``{"embedding"|"embeddings", "dimension", "dimensions", "model", "version"}``; also counts items for the
+    access log."""
     request.state.items = len(vectors)
     key, value = ("embedding", vectors[0]) if single else ("embeddings", vectors)
     return FastJSONResponse(
-        {key: value, "dimension": model.dimension, "model": model.model_name, "version": model.version}
+        {
+            key: value,
+            "dimension": model.dimension,
+            "dimensions": model.dimension,
+            "model": model.model_name,
+            "version": model.version,
+        }
     )
 
 

@@ -17,6 +17,7 @@ from common.api.schemas import (
     embedding_reply,
     encode_base64,
 )
+from common.errors import InvalidInput
 
 router = APIRouter()
 
@@ -46,8 +47,17 @@ async def embed_texts(request: Request, body: EmbedTextsRequest, model: Model) -
 async def create_embeddings(request: Request, body: OpenAIEmbeddingsRequest, model: Model) -> FastJSONResponse:
     """``{"input": str | [str], "encoding_format"?: "float" | "base64"}`` -> OpenAI's list of embeddings. On the
     image service an input that is a ``data:image/...;base64,`` URI is an image."""
+    if body.dimensions is not None and body.dimensions != model.dimension:
+        raise InvalidInput(
+            f"dimensions={body.dimensions} is not supported: this model's vectors have {model.dimension} dimensions "
+            "and are not trained to be truncated; omit 'dimensions' or send "
+            f"{model.dimension}"
+        )
     inputs = [body.input] if isinstance(body.input, str) else body.input
-    vectors, tokens = await model.embed_inputs(inputs, body.normalize)
+    if not all(isinstance(item, str) for item in inputs):
+        raise InvalidInput("input: token ids are not supported; send strings (a string or a list of strings)")
+    texts = [item for item in inputs if isinstance(item, str)]
+    vectors, tokens = await model.embed_inputs(texts, body.normalize)
     request.state.items = len(inputs)
     as_base64 = body.encoding_format == "base64"
     data = [
