@@ -6,7 +6,8 @@ hands each caller back exactly its own rows, in order. A batch that raises is sp
 bad item (or a batch too big for GPU memory) fails only the requests it belongs to.
 
 The queue is bounded (``max_queue``): past it ``submit`` fails at once with 429 instead of letting latency grow
-without limit, and a caller waits at most ``timeout_s`` for its rows.
+without limit, and a caller waits at most ``timeout_s`` for its rows. A caller that goes away (its task cancelled)
+takes its rows with it: they are skipped, never run. ``close`` fails everything not yet running with 503.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from common.errors import QueueFull, RequestTimeout
+from common.errors import NotReady, QueueFull, RequestTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class MicroBatcher(Generic[In, Out]):
         self.name = name
         self.observer: BatchObserver | None = None
         self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue()
+        # Items taken from the queue for the next batch, while it waits for more (not running yet).
+        self._gathering: list[_Pending[In, Out]] = []
+        self._closed: str | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -71,17 +75,29 @@ class MicroBatcher(Generic[In, Out]):
         self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
+        self.close("the service is shutting down")
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        while not self._queue.empty():  # nobody will run these any more
-            pending = self._queue.get_nowait()
+
+    def close(self, reason: str) -> None:
+        """Fail every item that is not running yet, and every later ``submit``, with 503 ``not_ready``; the batch
+        on the model now still finishes."""
+        self._closed = reason
+        waiting = [*self._gathering, *(self._queue.get_nowait() for _ in range(self._queue.qsize()))]
+        self._gathering = []
+        for pending in waiting:
             if not pending.future.done():
-                pending.future.set_exception(RuntimeError("service is shutting down"))
+                pending.future.set_exception(self._not_ready())
+
+    def _not_ready(self) -> NotReady:
+        return NotReady(f"{self._closed}; retry shortly", headers={"Retry-After": "5"})
 
     async def submit(self, items: Sequence[In]) -> list[Out]:
         """Queue every item, wait for all of them; results come back in the order of ``items``."""
+        if self._closed is not None:
+            raise self._not_ready()
         if self._task is None:
             raise RuntimeError(f"batcher {self.name} is not running")
         if self._queue.qsize() + len(items) > self.max_queue:
@@ -110,20 +126,30 @@ class MicroBatcher(Generic[In, Out]):
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
+            batch = self._gathering = [await self._live_item()]
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch_size:
-                if self._queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                    except TimeoutError:
-                        break
-                else:
-                    batch.append(self._queue.get_nowait())
+                if not self._queue.empty():
+                    pending = self._queue.get_nowait()
+                    if not pending.future.done():
+                        batch.append(pending)
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._live_item(), remaining))
+                except TimeoutError:
+                    break
+            self._gathering = []
             await self._run(batch)
+
+    async def _live_item(self) -> _Pending[In, Out]:
+        """The next queued item whose caller still waits (rows of callers that are gone are dropped here)."""
+        while True:
+            pending = await self._queue.get()
+            if not pending.future.done():
+                return pending
 
     async def _run(self, batch: list[_Pending[In, Out]]) -> None:
         batch = [pending for pending in batch if not pending.future.done()]  # skip cancelled callers

@@ -72,7 +72,27 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(32 * MB, ge=1, description="bytes of one request body, checked while it is read")
     cors_origins: list[str] = Field(
         default_factory=list,
-        description='browser origins allowed by CORS, e.g. ["http://localhost:3000"]; none by default',
+        description='browser origins allowed by CORS and to POST, e.g. ["http://localhost:3000"]; none by default',
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='Host header names accepted, e.g. ["embed.example.com", "*.example.com"] or ["*"]; empty: on a '
+        "loopback address only loopback names and IP addresses (stops DNS rebinding), elsewhere any",
+    )
+
+    # Connections: what a client may hold before its request reaches the app, enforced by the HTTP server.
+    max_connections: int = Field(
+        1000, ge=1, description="open connections; past it a new connection gets 503 at once and is closed"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="bytes of the request line and headers of one request; past it 431"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="time a connection has to send a complete request line and headers (then closed)"
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="time a client has to send the whole request body (408)")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM/SIGINT/SIGHUP, time to finish queued requests; the rest get 503"
     )
 
     @classmethod

@@ -1,21 +1,19 @@
 """Domain errors and the one handler that renders them.
 
 Every error leaves the service as ``{"error": {"message", "type", "code"}}`` (OpenAI's envelope). Deep modules raise
-the ``EmbedError`` subclasses below; they never raise ``HTTPException``.
+the ``EmbedError`` subclasses below; they never raise ``HTTPException``. Unexpected exceptions are answered (500) and
+logged once by the access-log middleware, which sees every request, not by a handler here.
 """
 
 from __future__ import annotations
 
-import logging
-
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.config import limit_hint
-
-logger = logging.getLogger(__name__)
 
 
 class EmbedError(Exception):
@@ -52,6 +50,10 @@ class UnsupportedInput(InvalidInput, code="unsupported_input"):
     """An input kind the model does not read (an image sent to a text-only service)."""
 
 
+class InvalidHost(InvalidInput, code="invalid_host"):
+    """A Host header the service does not answer to (a DNS-rebinding page, or a name not in allowed_hosts)."""
+
+
 class InvalidRequestBody(EmbedError, status=422, type="invalid_request_error", code="invalid_request"):
     """The body does not match the route's schema (wrong types, missing fields, invalid JSON)."""
 
@@ -68,6 +70,21 @@ class TooManyItems(PayloadTooLarge, code="too_many_items"): ...
 class Unauthorized(EmbedError, status=401, type="authentication_error", code="invalid_api_key"): ...
 
 
+class CrossOrigin(EmbedError, status=403, type="permission_error", code="cross_origin"):
+    """A browser page of another origin (not in cors_origins) tried to post to the service."""
+
+
+class BodyTimeout(EmbedError, status=408, type="invalid_request_error", code="body_timeout"):
+    """The client did not send its whole request body in time."""
+
+
+class HeaderTimeout(BodyTimeout, code="header_timeout"):
+    """The client did not send its request line and headers in time (answered by the HTTP protocol)."""
+
+
+class HeadersTooLarge(EmbedError, status=431, type="invalid_request_error", code="headers_too_large"): ...
+
+
 class QueueFull(EmbedError, status=429, type="rate_limit_error", code="queue_full"): ...
 
 
@@ -82,8 +99,16 @@ class OutOfMemory(EmbedError, status=503, code="out_of_memory"):
 class NotReady(EmbedError, status=503, code="not_ready"): ...
 
 
+class TooManyConnections(EmbedError, status=503, code="too_many_connections"): ...
+
+
 def error_body(message: str, type_: str, code: str) -> dict[str, dict[str, str]]:
     return {"error": {"message": message, "type": type_, "code": code}}
+
+
+def error_json(error: EmbedError) -> bytes:
+    """The envelope as bytes, for the layers below the framework (middlewares, the HTTP protocol)."""
+    return orjson.dumps(error_body(error.message, error.type, error.code))
 
 
 def _response(
@@ -147,10 +172,3 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return _response(request, exc.status_code, str(exc.detail), type_, code, getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", "-")
-        logger.exception("unexpected error (request id %s)", request_id)
-        message = f"internal error; see the server log for request id {request_id}"
-        return _response(request, 500, message, "server_error", "internal_error")

@@ -1,13 +1,18 @@
 """What turns a model into a running service: ``ServiceDefinition`` (one per model file) builds the app and runs
-``main``: settings, logging, the model on disk (downloaded if it is a hub id), then uvicorn with graceful shutdown
-and a non-zero exit when the model fails to load."""
+``main``: settings, logging, the model on disk (downloaded if it is a hub id), then uvicorn (with the connection
+limits of ``common.http_protocol``), a graceful shutdown on SIGTERM, SIGINT and SIGHUP, and a non-zero exit when
+the model fails to load."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import logging.handlers
+import math
+import resource
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +27,7 @@ from common.api import image_routes, text_routes
 from common.api.app import Runtime, create_app
 from common.config import ServiceSettings, SettingsT, load_settings
 from common.contract import EmbeddingModel
+from common.http_protocol import ConnectionLimits, protocol_class
 from common.loading import ModelNotFound, has_random_weights, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -30,6 +36,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # A long-lived box must not fill its disk: at most 6 files of 20 MB (the live one and 5 rotated ones).
 LOG_FILE_BYTES = 20 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
+# Signals that stop the service gracefully. SIGHUP too: the terminal of a service started by hand closing must not
+# kill the requests in flight.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# After the drain (shutdown_timeout_s), the time the requests failed with 503 and the batch on the model get to
+# finish before uvicorn cancels what is left.
+SHUTDOWN_GRACE_S = 5.0
+# File descriptors the process needs besides its connections: model files, logs, threads' pipes, the listener.
+RESERVED_FDS = 256
 
 
 @dataclass(frozen=True)
@@ -123,43 +137,100 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-@contextmanager
-def _exit_normally_after_a_signal() -> Iterator[None]:
-    """uvicorn re-raises SIGTERM/SIGINT once its graceful shutdown is done, which with the default handlers kills
-    the process (exit status -15). The requests are drained by then: ignore the repeat and return our exit code."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+class EmbedServer(uvicorn.Server):
+    """uvicorn's server, with the service's shutdown: every stop signal drains (uvicorn knows only SIGINT and
+    SIGTERM, and re-raises them once done, which would kill the process with status -15), and the requests still
+    queued when the drain time is over are failed with 503 ``not_ready`` and Retry-After, an answer a client can
+    act on, instead of being cancelled into uvicorn's plain-text 500 with a traceback each."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, drain_s: float) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self.drain_s = drain_s
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only (a server run in a thread is stopped with should_exit)
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(self.drain_s, self._end_drain)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+    def _end_drain(self) -> None:
+        logger.warning("shutdown: drain time (%g s) is over; refusing the requests still queued with 503", self.drain_s)
+        self.runtime.refuse_queued_work("the service is shutting down")
+
+
+def connection_limit(wanted: int) -> int:
+    """``wanted`` connections if the process may open enough files, raising its soft limit up to the hard one if
+    need be; otherwise as many as fit, with a warning (past the limit, accept() fails and nothing is logged)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if raised > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
+            except (ValueError, OSError):
+                pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitting = max(1, soft - RESERVED_FDS)
+        logger.warning(
+            "the process may open only %d files: serving at most %d connections instead of max_connections=%d "
+            "(raise 'ulimit -n')",
+            soft,
+            fitting,
+            wanted,
+        )
+        return fitting
+    return wanted
+
+
+def build_server(app: FastAPI, settings: ServiceSettings) -> EmbedServer:
+    """The uvicorn server for ``app``, with the limits of ``settings``; ``run()`` serves until stopped."""
+    limits = ConnectionLimits(
+        max_connections=connection_limit(settings.max_connections),
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=protocol_class(limits),
+        log_config=None,  # keep the logging configured in main
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s + SHUTDOWN_GRACE_S),
+        access_log=False,
+    )
+    return EmbedServer(config, app.state.runtime, settings.shutdown_timeout_s)
 
 
 def serve(app: FastAPI, settings: ServiceSettings) -> int:
-    """Serve until SIGINT/SIGTERM (uvicorn drains in-flight requests first). Returns the process exit code."""
+    """Serve until SIGINT/SIGTERM/SIGHUP (uvicorn drains in-flight requests first). Returns the process exit code."""
     if not is_loopback(settings.host) and settings.api_key is None:
         logger.warning(
             "listening on %s without an API key: anyone who can reach this port can use it (set EMBED_API_KEY)",
             settings.host,
         )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep the logging configured in main
-        timeout_graceful_shutdown=30,
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
+    server = build_server(app, settings)
     runtime: Runtime = app.state.runtime
 
     def stop_server() -> None:
         server.should_exit = True
 
     runtime.on_load_failure = stop_server
-    with _exit_normally_after_a_signal():
-        server.run()
+    server.run()
     return 1 if runtime.status == "unhealthy" or not server.started else 0

@@ -201,9 +201,12 @@ class BatchedService:
         if image_rows:
             vectors[image_rows] = await self._embed_checked_images([inputs[i] for i in image_rows], normalize)
         if texts:
-            vectors[text_rows], tokens = await asyncio.gather(
-                self._embed_checked_texts(texts, normalize), asyncio.to_thread(self.text_encoder.count_tokens, texts)
+            # On the model's worker, like every other call of the encoder: a fast tokenizer rewrites its padding
+            # and truncation state on each call, so two threads tokenizing at once break each other's calls.
+            counting = asyncio.get_running_loop().run_in_executor(
+                self.model_worker, self.text_encoder.count_tokens, texts
             )
+            vectors[text_rows], tokens = await asyncio.gather(self._embed_checked_texts(texts, normalize), counting)
         return vectors, tokens
 
     def pair_probabilities(self, cosine: np.ndarray) -> np.ndarray:

@@ -97,7 +97,8 @@ def test_cors_is_off_unless_origins_are_configured(tiny_zimage: Path) -> None:
         response = client.options("/embed/text", headers=preflight)
         assert "access-control-allow-origin" not in response.headers
         response = client.post("/embed/text", json={"text": "a"}, headers={"Origin": "http://evil.example"})
-        assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+        # A post from a foreign origin is refused outright (403), not only left unreadable.
+        assert response.status_code == 403 and "access-control-allow-origin" not in response.headers
     allowed = "http://localhost:3000"
     with serving(text_app(tiny_zimage, cors_origins=[allowed])) as client:
         response = client.options("/embed/text", headers={**preflight, "Origin": allowed})

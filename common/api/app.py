@@ -1,5 +1,6 @@
 """The app factory both services use: the lifespan (load the model in a thread, then serve), ``/health``,
-``/info``, ``/metrics``, the error envelope, request ids, the access log, the body limit and the optional API key.
+``/info``, ``/metrics``, the error envelope, request ids, the access log, the body limits and the guard (Host,
+Origin, optional API key).
 
 A service passes a ``load`` callable (runs in a thread, returns an ``EmbeddingModel``) and the routers of the
 inputs it embeds. Routes reach the loaded model through the ``Model`` dependency, which answers 503 while the model
@@ -9,7 +10,6 @@ is still loading.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,14 +19,15 @@ from typing import Annotated, Literal, TypedDict
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
-from common.api.middleware import AccessLog, BodySizeLimit
+from common.api.middleware import AccessLog, RequestBody, RequestGuard
 from common.api.schemas import ERROR_RESPONSES, FastJSONResponse
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel, ModelInfo
-from common.errors import NotReady, Unauthorized, install_error_handlers
+from common.errors import NotReady, install_error_handlers
 from common.loading import WrongModel
 from common.metrics import Metrics
 
@@ -63,6 +64,13 @@ class Runtime:
         if self._loaded == "ok" and self.model is not None and not self.model.healthy:
             return "unhealthy"  # the device keeps failing
         return self._loaded
+
+    def refuse_queued_work(self, reason: str) -> None:
+        """Every item still waiting for the model, and every later one, fails with 503 ``not_ready`` (at the end of
+        a shutdown's drain: an answer the client can retry elsewhere, not a connection cut off mid-request)."""
+        if self.model is not None:
+            for batcher in self.model.batchers:
+                batcher.close(reason)
 
     async def load(self) -> None:
         # A lifespan can run more than once per app (test harnesses do): start from scratch each time.
@@ -125,25 +133,6 @@ def ready_model(request: Request) -> EmbeddingModel:
 Model = Annotated[EmbeddingModel, Depends(ready_model)]
 
 
-def require_api_key(request: Request) -> None:
-    """Bearer token check when EMBED_API_KEY is set; constant-time compare."""
-    expected = runtime_of(request).settings.api_key
-    if expected is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    # An empty token never passes, not even against an empty key (EMBED_API_KEY= set but blank).
-    if (
-        scheme.lower() != "bearer"
-        or not token
-        or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode())
-    ):
-        raise Unauthorized(
-            "missing or wrong API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
-        )
-
-
 def form_limits(settings: ServiceSettings) -> FormLimits:
     """Multipart parsing stops at the first file or field past the item limit (413), before reading the rest."""
     return {
@@ -177,16 +166,19 @@ class ServiceInfo(ModelInfo, ServiceState):
 
 
 def limits_of(settings: ServiceSettings) -> dict[str, int | float]:
-    """Every max_* setting but the batching ones, and the request timeout."""
+    """Every max_* setting but the batching ones, and the timeouts."""
     limits = {name: value for name, value in settings.model_dump().items() if name.startswith("max_")}
-    limits["request_timeout_s"] = settings.request_timeout_s
+    for name in ("request_timeout_s", "body_timeout_s", "header_timeout_s"):
+        limits[name] = getattr(settings, name)
     return {name: value for name, value in limits.items() if "batch" not in name}
 
 
 service_router = APIRouter(tags=["service"])
 
 
+# Uptime checkers probe with HEAD: each GET route of the service also answers HEAD (the same headers, no body).
 @service_router.get("/health")
+@service_router.head("/health", include_in_schema=False)
 async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
     """200 only when a request would be served; 503 "loading" or "unhealthy" otherwise. Never needs a key."""
     model = runtime.model
@@ -206,14 +198,14 @@ async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONRespon
 
 
 @service_router.get("/metrics", response_class=PlainTextResponse)
+@service_router.head("/metrics", include_in_schema=False)
 async def metrics(runtime: Annotated[Runtime, Depends(runtime_of)]) -> Response:
     """Prometheus text: requests, errors, latency, batch sizes, queue depth and wait, load time, GPU memory."""
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@service_router.get(
-    "/info", dependencies=[Depends(require_api_key)], response_model=ServiceInfo | ServiceState, responses={401: {}}
-)
+@service_router.get("/info", response_model=ServiceInfo | ServiceState, responses={401: {}})
+@service_router.head("/info", include_in_schema=False)
 async def info(runtime: Annotated[Runtime, Depends(runtime_of)]) -> ServiceInfo | ServiceState:
     """Model, dimension, which inputs it embeds, device, dtype, batching and limits, the recipe, versions."""
     settings = runtime.settings
@@ -254,8 +246,22 @@ def create_app(
     app = FastAPI(title=title, version=SERVICE_VERSION, lifespan=lifespan, default_response_class=FastJSONResponse)
     app.state.runtime = runtime
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Added innermost first: AccessLog > CORS > RequestBody > RequestGuard > the routes.
+    route_paths = {
+        route.path for router in (service_router, *routers) for route in router.routes if isinstance(route, APIRoute)
+    }
+    app.add_middleware(
+        RequestGuard,
+        api_key=settings.api_key,
+        # /health and /metrics hold no inputs or vectors (the OpenAPI pages, not listed, show the API, not data).
+        protected_paths=route_paths - {"/health", "/metrics"},
+        allowed_hosts=settings.allowed_hosts,
+        cors_origins=settings.cors_origins,
+    )
+    app.add_middleware(RequestBody, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.cors_origins:
+        # Outside the guard: a preflight is answered here, and a 401 or 403 carries the CORS headers a page needs
+        # to read it.
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
@@ -263,16 +269,12 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(AccessLog, metrics=runtime.metrics)  # outermost: sees every response, 413s included
+    # Outermost: sees every response, 413s and 500s included.
+    app.add_middleware(AccessLog, metrics=runtime.metrics, route_paths=route_paths)
     runtime.metrics.ready.set_function(lambda: 1.0 if runtime.status == "ok" else 0.0)
 
     app.include_router(service_router)
     limits = form_limits(settings)
     for router in routers:
-        app.include_router(
-            router,
-            dependencies=[Depends(require_api_key)],
-            responses=ERROR_RESPONSES,
-            form_limits=limits,
-        )
+        app.include_router(router, responses=ERROR_RESPONSES, form_limits=limits)
     return app

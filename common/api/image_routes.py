@@ -3,7 +3,6 @@ or base64 in JSON as clients of the Quadux SigLIP API send it) and the cross-mod
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from common.api.app import Model, form_limits
+from common.api.json_body import JSONBodyRoute, loads, refuse_long_lists
 from common.api.schemas import (
     EmbeddingResponse,
     EmbeddingsResponse,
@@ -25,7 +25,7 @@ from common.api.schemas import (
 from common.contract import EncodedImage
 from common.errors import InvalidRequestBody
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 # FastAPI's own reading of a boolean form field, for the route that parses its form by hand.
 _FORM_BOOL = TypeAdapter(bool)
@@ -110,7 +110,7 @@ async def embed_images(request: Request, model: Model) -> FastJSONResponse:
         )
     else:
         try:
-            body = EmbedImagesBase64Request.model_validate_json(await request.body())
+            body = EmbedImagesBase64Request.model_validate(await request.json())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
         images, normalize = body.images_base64, body.normalize
@@ -118,16 +118,14 @@ async def embed_images(request: Request, model: Model) -> FastJSONResponse:
     return embedding_reply(model, request, vectors, single=False)
 
 
-def parse_texts(values: Sequence[str]) -> list[str]:
+async def parse_texts(values: Sequence[str], max_items: int) -> list[str]:
     """Clients of the Quadux SigLIP API send one field holding a JSON array; repeated plain fields work too."""
     texts: list[str] = []
     for value in values:
         stripped = value.strip()
         if stripped.startswith("["):
-            try:
-                parsed = json.loads(stripped)
-            except json.JSONDecodeError:
-                raise InvalidRequestBody("texts: not a valid JSON array of strings") from None
+            parsed = await loads(stripped, "texts")
+            refuse_long_lists(parsed, max_items)
             if not isinstance(parsed, list) or not all(isinstance(t, str) for t in parsed):
                 raise InvalidRequestBody("texts: expected a JSON array of strings")
             texts.extend(parsed)
@@ -149,7 +147,7 @@ async def similarity(
     ),
 ) -> FastJSONResponse:
     """Texts x images: ``similarities`` (the model's pair probabilities) and ``cosine``, one row per text."""
-    parsed = parse_texts(texts)
+    parsed = await parse_texts(texts, model.settings.max_items_per_request)
     text_vectors, image_vectors = await model.embed_texts_and_images(parsed, await read_uploads(files))
     cosine = text_vectors @ image_vectors.T
     request.state.items = len(files) + len(parsed)

@@ -1,28 +1,89 @@
-"""The two middlewares every app runs, as plain ASGI classes (Starlette's BaseHTTPMiddleware costs a task and a
-stream per request, which showed in the text benchmark):
+"""The middlewares every app runs, as plain ASGI classes (Starlette's BaseHTTPMiddleware costs a task and a
+stream per request, which showed in the text benchmark). Outermost first:
 
-- ``AccessLog``: request ids (``X-Request-ID`` echoed or made up), one log line and the metrics of each request;
-- ``BodySizeLimit``: the request body limit, enforced while the body is read, before any parsing or decoding.
+- ``AccessLog``: request ids (``X-Request-ID`` echoed or made up), one log line and the metrics of each request,
+  and the last word on failures: an unexpected exception is logged once, with the request id, and answered with a
+  500 envelope; a request the server ends at shutdown gets a 503;
+- ``RequestBody``: the body limits (size, read time), enforced while the body is read, before any parsing or
+  decoding; a response sent before the body was read closes the connection; and a request whose client goes away
+  is cancelled, so that its queued items never reach the model;
+- ``RequestGuard``: Host, Origin and API key, checked from the headers alone, before a byte of the body is read.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import logging
 import time
 import uuid
+from collections.abc import Collection
+from urllib.parse import urlsplit
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.config import limit_hint
-from common.errors import PayloadTooLarge
+from common.errors import (
+    BodyTimeout,
+    CrossOrigin,
+    EmbedError,
+    InvalidHost,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+    error_json,
+)
 from common.metrics import Metrics
 
 access_logger = logging.getLogger("embed.access")
+logger = logging.getLogger(__name__)
+
+# Longest path an access-log line shows; the rest is cut (a 60 KB URL would otherwise fill the log).
+MAX_LOGGED_PATH = 300
+# nginx's status for "the client closed the connection before the answer": logged, never sent.
+CLIENT_CLOSED_REQUEST = 499
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def request_id_from(client_id: str) -> str:
     # Accept a client's id only if it is short and printable (it goes into logs and headers).
     return client_id if 0 < len(client_id) <= 128 and client_id.isprintable() else uuid.uuid4().hex
+
+
+def printable(text: str, limit: int = MAX_LOGGED_PATH) -> str:
+    """``text`` safe for one log line: control characters (newline, ESC, NUL, ...) escaped as ``\\n``, ``\\x1b``,
+    so a URL cannot forge log lines, colour a terminal or make the log binary; cut at ``limit`` characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def has_body(scope: Scope) -> bool:
+    length = header(scope, b"content-length")
+    return header(scope, b"transfer-encoding") is not None or (length is not None and length.strip() not in ("", "0"))
+
+
+async def send_error(send: Send, scope: Scope, error: EmbedError, *, close: bool = False) -> None:
+    """The error envelope, sent from below the framework. ``close``: the request body was not read, so the
+    connection cannot carry another request (and the client should stop sending)."""
+    body = error_json(error)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    for name, value in (error.headers or {}).items():
+        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    if close:
+        headers.append((b"connection", b"close"))
+    scope.setdefault("state", {})["error_code"] = error.code
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class HTTPMiddleware:
@@ -42,16 +103,29 @@ class HTTPMiddleware:
 
 
 class AccessLog(HTTPMiddleware):
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    """Outermost of ours, inside only Starlette's ServerErrorMiddleware: every exception that gets here is handled
+    here, so it is logged once (ServerErrorMiddleware and uvicorn would each log it again, without the request id)
+    and counted in the metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, route_paths: Collection[str] = ()) -> None:
         super().__init__(app)
         self.metrics = metrics
+        # The routes have no path parameters: a request refused before routing (a 401 of the guard) is counted
+        # under its route when its path is one of these.
+        self.route_paths = frozenset(route_paths)
+
+    def route_template(self, scope: Scope) -> str:
+        """The route's path template for the metrics, never the raw path (the label values must stay few)."""
+        route = scope.get("route")
+        if route is not None:
+            return str(getattr(route, "path", "unmatched"))
+        return str(scope["path"]) if scope["path"] in self.route_paths else "unmatched"
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope["headers"])
-        request_id = request_id_from(headers.get(b"x-request-id", b"").decode("latin-1"))
+        request_id = request_id_from(header(scope, b"x-request-id") or "")
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        status = 500
+        status: int | None = None
         started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
@@ -66,9 +140,30 @@ class AccessLog(HTTPMiddleware):
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # Nothing but the server cancels a request task (a gone client is handled inside, by RequestBody):
+            # uvicorn does it to the requests still running when the shutdown's grace period is over.
+            if status is not None:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            unavailable = NotReady("the service is shutting down; retry shortly", headers={"Retry-After": "5"})
+            await send_error(send_with_id, scope, unavailable, close=True)
+        except Exception:  # the one place every unexpected error is answered and logged
+            logger.exception("unexpected error (request id %s)", request_id)
+            state["error_code"] = "internal_error"
+            if status is None:
+                internal = EmbedError(f"internal error; see the server log for request id {request_id}")
+                await send_error(send_with_id, scope, internal, close=True)
+            # else: the response has begun and cannot be turned into an error; uvicorn closes the connection.
         finally:
             elapsed = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", "unmatched")  # the template, never the raw path
+            if status is None:
+                status = CLIENT_CLOSED_REQUEST if state.get("client_gone") else 500
+            if status == 500:
+                state.setdefault("error_code", "internal_error")  # a 500 from anywhere is counted
+            route = self.route_template(scope)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(elapsed)
             if "error_code" in state:
@@ -76,40 +171,222 @@ class AccessLog(HTTPMiddleware):
             access_logger.info(
                 "%s %s %d items=%s %.1fms id=%s",
                 scope["method"],
-                scope["path"],
+                printable(scope["path"]),
                 status,
                 state.get("items", "-"),
                 elapsed * 1000,
-                request_id,
+                printable(request_id),
             )
 
 
-class BodySizeLimit(HTTPMiddleware):
-    """Wraps ``receive``: a declared Content-Length over the limit fails at the first read, a chunked body as soon as
-    it passes the limit. The error is raised inside the route, so it is rendered as the usual 413 envelope."""
+class RequestBody(HTTPMiddleware):
+    """Wraps ``receive`` and ``send`` of a request:
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    - size: a declared Content-Length over the limit fails at the first read, a chunked body as soon as it passes
+      the limit (413);
+    - time: the whole body must arrive within ``timeout_s`` of the request's start (408), so a client that
+      trickles a byte a second cannot hold a request (and its buffers) forever;
+    - a response that starts before the body was read to its end carries ``Connection: close``: the rest of the
+      body is never read, and the client learns at once that it can stop sending;
+    - once the body is read, the request watches its connection, and a client that goes away cancels it
+      (Starlette runs a handler to its end otherwise): its items leave the model's queue unprocessed.
+
+    The errors are raised inside the route, so they are rendered as the usual envelope.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         super().__init__(app)
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = header(scope, b"content-length") or ""
+        expects_body = has_body(scope)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        task = asyncio.current_task()
         received = 0
+        body_complete = False
+        response_complete = False
+        client_gone = False
+        watcher: asyncio.Task[None] | None = None
 
         def too_large(size: str) -> PayloadTooLarge:
             return PayloadTooLarge(
                 f"request body is {size} bytes; the limit is {limit_hint('max_body_bytes', self.max_bytes)}"
             )
 
+        async def watch_connection() -> None:
+            nonlocal client_gone
+            message = await receive()  # after the body: returns when the client disconnects or the response is done
+            if message["type"] == "http.disconnect" and not response_complete and task is not None:
+                client_gone = True
+                task.cancel()
+
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_complete, watcher
+            if body_complete:
+                if watcher is not None:  # the watcher owns the connection's receive now
+                    await asyncio.shield(watcher)
+                return {"type": "http.disconnect"}
             if declared.isdigit() and int(declared) > self.max_bytes:
-                raise too_large(declared.decode())
-            message = await receive()
+                raise too_large(declared)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the request body did not arrive within {self.timeout_s:g} s; the limit is "
+                    f"body_timeout_s={self.timeout_s:g} (raise it with --body-timeout-s or EMBED_BODY_TIMEOUT_S)"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise too_large(f"more than {self.max_bytes}")
+                if not message.get("more_body", False):
+                    body_complete = True
+                    watcher = asyncio.create_task(watch_connection(), name="watch-connection")
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def closing_send(message: Message) -> None:
+            nonlocal response_complete
+            if message["type"] == "http.response.start" and expects_body and not body_complete:
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                response_complete = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, closing_send)
+        except asyncio.CancelledError:
+            if not client_gone or task is None or task.uncancel() > 0:
+                raise  # not (only) ours: the server is cancelling the request
+            scope.setdefault("state", {})["client_gone"] = True
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header, without port or brackets: ``[::1]:6010`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() else host
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback_address(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(name: str, patterns: Collection[str]) -> bool:
+    """Starlette's TrustedHostMiddleware rules: ``*`` is anything, ``*.example.com`` any subdomain."""
+    for pattern in patterns:
+        pattern = pattern.lower()
+        if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
+
+
+def loopback_name(name: str) -> bool:
+    """Names only this machine can mean. An IP address in the Host header is safe too: a page can only make a
+    browser send it by connecting to that very address."""
+    name = name.rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or _is_ip(name) or name == ""
+
+
+class RequestGuard(HTTPMiddleware):
+    """Who may send a request, decided from its headers before any of the body is read (an unauthenticated 250 MB
+    upload is refused after its headers, not after it has been read, parsed or spooled to disk):
+
+    - Host (400 ``invalid_host``): with ``allowed_hosts`` set, only those names; without it, a request that
+      arrived on a loopback address must name a loopback host, so that a web page whose own name was re-pointed
+      at 127.0.0.1 (DNS rebinding) cannot read from or post to the service;
+    - Origin (403 ``cross_origin``): a browser post from another origin (``Origin`` not the service's own and not
+      in ``cors_origins``, or ``Sec-Fetch-Site: cross-site``) is refused; browsers send form and plain-text posts
+      across origins without asking first (no CORS preflight), and the response being unreadable does not undo the
+      work. Clients that are not browsers send neither header;
+    - API key (401 ``invalid_api_key``), when one is set, on ``protected_paths`` (other paths are 404s or pages
+      that hold no data).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: SecretStr | None,
+        protected_paths: Collection[str],
+        allowed_hosts: Collection[str],
+        cors_origins: Collection[str],
+    ) -> None:
+        super().__init__(app)
+        self.api_key = api_key.get_secret_value().encode() if api_key is not None else None
+        self.protected_paths = frozenset(protected_paths)
+        self.allowed_hosts = list(allowed_hosts)
+        self.cors_origins = frozenset(origin.rstrip("/") for origin in cors_origins)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = self.check(scope)
+        if error is not None:
+            await send_error(send, scope, error)  # RequestBody adds Connection: close if a body was coming
+            return
+        await self.app(scope, receive, send)
+
+    def check(self, scope: Scope) -> EmbedError | None:
+        host = header(scope, b"host") or ""
+        if not self.host_ok(_host_name(host), scope):
+            return InvalidHost(
+                f"this service does not answer to the host name {printable(host, 100)!r}; list it in allowed_hosts "
+                "(--allowed-hosts or EMBED_ALLOWED_HOSTS)"
+            )
+        if scope["method"] not in SAFE_METHODS and not self.origin_ok(scope, host):
+            return CrossOrigin(
+                "cross-origin requests from browsers are refused; list the page's origin in cors_origins "
+                "(--cors-origins or EMBED_CORS_ORIGINS)"
+            )
+        needs_key = self.api_key is not None and scope["method"] != "OPTIONS" and scope["path"] in self.protected_paths
+        if needs_key and not self.key_ok(header(scope, b"authorization") or ""):
+            return Unauthorized(
+                "missing or wrong API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return None
+
+    def host_ok(self, name: str, scope: Scope) -> bool:
+        if self.allowed_hosts:
+            return host_allowed(name, self.allowed_hosts)
+        server = scope.get("server")
+        if server and _is_loopback_address(str(server[0])):
+            return loopback_name(name)
+        return True  # bound elsewhere without allowed_hosts: the README says to set it (and an API key)
+
+    def origin_ok(self, scope: Scope, host: str) -> bool:
+        origin = header(scope, b"origin")
+        if origin is not None and (origin.rstrip("/") in self.cors_origins or "*" in self.cors_origins):
+            return True
+        if header(scope, b"sec-fetch-site") == "cross-site":
+            return False
+        # Same origin (the /docs page trying a route) sends its own origin: scheme aside, it names the same host.
+        return origin is None or urlsplit(origin).netloc.lower() == host.strip().lower() != ""
+
+    def key_ok(self, authorization: str) -> bool:
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        # An empty token never passes, not even against an empty key (EMBED_API_KEY= set but blank).
+        return (
+            self.api_key is not None
+            and scheme.lower() == "bearer"
+            and bool(token)
+            and hmac.compare_digest(token.encode("latin-1"), self.api_key)
+        )

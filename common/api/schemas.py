@@ -118,12 +118,16 @@ def _error(description: str) -> dict[str, Any]:
 
 # What any embedding route can answer besides 200, declared once for the OpenAPI schema.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error("undecodable or unsupported input"),
+    400: _error("undecodable or unsupported input, or a Host name the service does not answer to"),
     401: _error("missing or wrong API key (when the service has one)"),
+    403: _error("a post from a browser page of another origin (not in cors_origins)"),
+    408: _error("the request body did not arrive within body_timeout_s"),
     413: _error("too large: body, image, pixels, text length or item count"),
     422: _error("the body does not match the route's schema"),
     429: _error("the queue is full; retry after Retry-After seconds"),
-    503: _error("not ready, overloaded (timeout) or out of device memory; retry after Retry-After seconds"),
+    503: _error(
+        "not ready, shutting down, overloaded (timeout) or out of device memory; retry after Retry-After seconds"
+    ),
 }
 
 

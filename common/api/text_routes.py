@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from common.api.app import Model
+from common.api.json_body import JSONBodyRoute
 from common.api.schemas import (
     EmbeddingResponse,
     EmbeddingsResponse,
@@ -19,7 +20,7 @@ from common.api.schemas import (
 )
 from common.errors import InvalidInput
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 
 @router.post(

@@ -1,0 +1,66 @@
+"""A Hugging Face fast tokenizer keeps its padding and truncation settings as state that every call rewrites: two
+threads tokenizing with different settings (a text batch on the model's worker, the OpenAI route counting tokens
+in another thread) break each other's calls. Measured on the tiny SigLIP encoder: about one call in ten failed
+while another thread counted tokens, which fails requests and, three times in a row, marks the device unhealthy.
+So everything that touches an encoder runs on the model's one worker thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from qwen3_embed import Qwen3Encoder
+from siglip2_embed import Siglip2Encoder
+from tests.helpers import image_app, serving, text_app
+
+CPU = torch.device("cpu")
+
+
+def test_a_fast_tokenizer_is_not_safe_across_threads(tiny_siglip: Path) -> None:
+    """Why the rule exists (if a tokenizers release makes this pass, the rule may be relaxed)."""
+    encoder = Siglip2Encoder(str(tiny_siglip), CPU, torch.float32)
+    texts = ["a cat", "a photo of a dog on a beach at sunset with friends", "x"]
+    stop = threading.Event()
+
+    def count_forever() -> None:
+        while not stop.is_set():
+            encoder.count_tokens(["short", "a much longer text with many many words in it"])
+
+    counter = threading.Thread(target=count_forever)
+    counter.start()
+    failures = 0
+    try:
+        for _ in range(2000):
+            try:
+                encoder.tokenize(texts)
+            except Exception:  # noqa: BLE001 - any failure is what this test counts
+                failures += 1
+    finally:
+        stop.set()
+        counter.join()
+    assert failures > 0
+
+
+def recording(method: Callable[..., Any], threads: list[str]) -> Callable[..., Any]:
+    def wrapper(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return method(*args)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("service", ["image", "text"])
+def test_every_encoder_call_runs_on_the_model_worker(service: str, tiny_siglip: Path, tiny_zimage: Path) -> None:
+    threads: list[str] = []
+    app = image_app(tiny_siglip) if service == "image" else text_app(tiny_zimage)
+    with serving(app) as client:
+        encoder: Siglip2Encoder | Qwen3Encoder = app.state.runtime.model.encoder
+        encoder.count_tokens = recording(encoder.count_tokens, threads)  # type: ignore[method-assign]
+        for body in ({"input": ["a cat", "a dog"]}, {"input": "one text"}):
+            assert client.post("/v1/embeddings", json=body).status_code == 200
+    assert threads and all(name.startswith("model") for name in threads), threads
