@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
-from common.api.middleware import AccessLog, BodySizeLimit
+from common.api.middleware import AccessLog, BodySizeLimit, CancelOnDisconnect
 from common.api.schemas import ERROR_RESPONSES, FastJSONResponse
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel, ModelInfo
@@ -239,6 +239,7 @@ def create_app(
     app = FastAPI(title=title, version=SERVICE_VERSION, lifespan=lifespan, default_response_class=FastJSONResponse)
     app.state.runtime = runtime
     install_error_handlers(app)
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(

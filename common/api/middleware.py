@@ -2,19 +2,22 @@
 stream per request, which showed in the text benchmark):
 
 - ``AccessLog``: request ids (``X-Request-ID`` echoed or made up), one log line and the metrics of each request;
-- ``BodySizeLimit``: the request body limit, enforced while the body is read, before any parsing or decoding.
+- ``BodySizeLimit``: the request body limit, enforced while the body is read, before any parsing or decoding;
+- ``CancelOnDisconnect``: a client that goes away cancels its request's work (queued decodes, batch rows).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.config import limit_hint
-from common.errors import PayloadTooLarge
+from common.errors import PayloadTooLarge, error_body
 from common.metrics import Metrics
 
 access_logger = logging.getLogger("embed.access")
@@ -113,3 +116,56 @@ class BodySizeLimit(HTTPMiddleware):
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class CancelOnDisconnect(HTTPMiddleware):
+    """Once a request's body has been read, a client that disconnects before the response starts cancels the
+    request: its image decodes that have not started never run and its rows leave the batch queues (uvicorn would
+    otherwise finish the work for nobody). The access log shows 499 ``client_disconnected``.
+
+    After the body, ``receive`` only ever says ``http.disconnect``; a watcher waits for that message, and an app
+    that asks for another message gets the watcher's."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher: asyncio.Task[Message] | None = None
+        response_started = False
+        client_gone = False
+
+        async def watch() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not response_started:
+                client_gone = True
+                work.cancel()
+            return message
+
+        async def receive_then_watch() -> Message:
+            nonlocal watcher
+            if watcher is not None:
+                return await asyncio.shield(watcher)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                watcher = asyncio.ensure_future(watch())
+            return message
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        work = asyncio.ensure_future(self.app(scope, receive_then_watch, send_and_note))
+        try:
+            await work
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not client_gone or (current is not None and current.cancelling()):
+                raise  # the server is shutting down, not our cancel
+            scope.setdefault("state", {})["error_code"] = "client_disconnected"
+            body = error_body(
+                "the client closed the connection before the response", "invalid_request_error", "client_disconnected"
+            )
+            await JSONResponse(body, status_code=499)(scope, receive, send)  # for the access log: nobody reads it
+        finally:
+            if watcher is not None:
+                watcher.cancel()
