@@ -3,11 +3,12 @@ or base64 in JSON as clients of the Quadux SigLIP API send it) and the cross-mod
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
@@ -26,6 +27,9 @@ from common.contract import EmbeddingModel, EncodedImage
 from common.errors import InvalidRequestBody
 
 router = APIRouter()
+
+# How a JSON array of strings starts: such a value that does not parse is a broken array, not a text.
+_JSON_ARRAY_START = re.compile(r"\[\s*[\"\[\]]")
 
 # FastAPI's own reading of a boolean form field, for the route that parses its form by hand.
 _FORM_BOOL = TypeAdapter(bool)
@@ -113,20 +117,28 @@ async def embed_images(request: Request, model: Model) -> FastJSONResponse:
 
 
 def parse_texts(values: Sequence[str]) -> list[str]:
-    """Clients of the Quadux SigLIP API send one field holding a JSON array; repeated plain fields work too."""
+    """Clients of the Quadux SigLIP API send one field holding a JSON array; repeated plain fields work too, and so
+    does one plain text, even one that starts with a bracket ("[draft] a cat").
+
+    A value that parses as a JSON array must hold strings; one that does not parse is a text, unless it starts like
+    an array of strings (``[`` then ``"``, ``[`` or ``]``), which is a 422. orjson bounds the nesting (1024) and the
+    size of numbers, so no value reaches a recursion or digit limit (the standard library raised those as a 500)."""
     texts: list[str] = []
     for value in values:
         stripped = value.strip()
-        if stripped.startswith("["):
-            try:
-                parsed = json.loads(stripped)
-            except json.JSONDecodeError:
-                raise InvalidRequestBody("texts: not a valid JSON array of strings") from None
-            if not isinstance(parsed, list) or not all(isinstance(t, str) for t in parsed):
-                raise InvalidRequestBody("texts: expected a JSON array of strings")
-            texts.extend(parsed)
-        else:
+        if not stripped.startswith("["):
             texts.append(value)
+            continue
+        try:
+            parsed = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            if _JSON_ARRAY_START.match(stripped):
+                raise InvalidRequestBody("texts: not a valid JSON array of strings") from None
+            texts.append(value)
+            continue
+        if not isinstance(parsed, list) or not all(isinstance(t, str) for t in parsed):
+            raise InvalidRequestBody("texts: expected a JSON array of strings")
+        texts.extend(parsed)
     if not texts or any(not t for t in texts):
         raise InvalidRequestBody("texts: give one or more non-empty texts")
     return texts
