@@ -23,7 +23,7 @@ from common.config import ImageLimits, ServiceSettings, default_model
 from common.contract import EncodedImage
 from common.decoding import DecodePool
 from common.images import ImageSpec
-from common.loading import describe_device, display_name, locate_model
+from common.loading import describe_device, display_name, explain_broken_weights, locate_model
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
 
@@ -173,7 +173,8 @@ class Siglip2Service(BatchedService):
 def load(settings: Siglip2Settings) -> Siglip2Service:
     """Resolve, load and warm up the model (runs in a thread at start-up)."""
     source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
-    encoder = Siglip2Encoder(source, device, dtype, compile_model=settings.compile)
+    with explain_broken_weights(source, DOWNLOAD_HELP):
+        encoder = Siglip2Encoder(source, device, dtype, compile_model=settings.compile)
     encoder.embed_images([np.zeros((encoder.input_height, encoder.input_width, 3), np.uint8)])  # warm-up
     encoder.embed_texts(["warm-up"])
     return Siglip2Service(settings, encoder, describe_device(device))

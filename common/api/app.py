@@ -73,8 +73,8 @@ class Runtime:
                 batcher.observer = self.metrics.observe_batch
                 self.metrics.watch_queue(batcher.name, lambda b=batcher: b.queue_depth)  # type: ignore[misc]
             await model.start()
-        except Exception:
-            logger.exception("loading the model failed")
+        except Exception as exc:
+            logger.exception("loading the model failed: %s", exc)
             self._loaded = "unhealthy"
             if self.on_load_failure is not None:
                 self.on_load_failure()
