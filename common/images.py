@@ -54,6 +54,10 @@ SMALL_IMAGE_PIXELS = 4_000_000
 # PIL decodes a few formats in Python; of the accepted ones, BMP with RLE compression, at up to 100 ns a pixel (a
 # 9 KB RLE bitmap can claim 200 M pixels: 30 s of CPU). Such images are refused above this size (0.4 s at worst).
 PYTHON_DECODER_MAX_PIXELS = 4_000_000
+# Every scan of a progressive JPEG is a pass over the coefficients of the whole image, at whatever scale it is
+# decoded (about 1 ns a pixel): a 95-byte scan repeated a thousand times costs a minute for a 64 MP image. Real
+# JPEGs have 1 to 3 scans, or about 10 when progressive; scans x pixels may be at most 20 scans of 200 MP (4 s).
+JPEG_MAX_SCAN_PIXELS = 4_000_000_000
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?:;[\w=.+-]*)*;base64,", re.IGNORECASE)
 _16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -215,6 +219,13 @@ def open_image(data: bytes, spec: ImageSpec, cancelled: threading.Event | None =
                 f"image has {width}x{height} pixels; {image.format} files with this compression are decoded by slow "
                 f"code and are accepted up to {PYTHON_DECODER_MAX_PIXELS} pixels (save it as PNG)"
             )
+        if image.format in ("JPEG", "MPO"):
+            scans = data.count(b"\xff\xda")  # start-of-scan markers: entropy-coded data never holds these bytes
+            if scans * width * height > JPEG_MAX_SCAN_PIXELS:
+                raise ImageTooLarge(
+                    f"JPEG of {width}x{height} pixels has {scans} scans, each a pass over the whole image: more "
+                    f"than {JPEG_MAX_SCAN_PIXELS // 10**9} G scans x pixels (real JPEGs have up to about 10 scans)"
+                )
         if spec.jpeg_draft and image.format in ("JPEG", "MPO"):
             # DCT scaling: decoding at 1/2..1/8 scale is several times faster and the result is still
             # at least twice the model's input size, so the final resize is nearly unaffected.
