@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import struct
 import subprocess
 import sys
@@ -231,9 +232,10 @@ def test_a_small_request_is_not_held_up_by_large_images(tiny_siglip: Path) -> No
 
 
 def test_a_request_whose_client_disconnects_stops_its_decodes(
-    tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The request is cancelled when its client goes away: its queued decodes never start."""
+    """The request is cancelled when its client goes away: its queued decodes never start, and the access log says
+    499."""
     settings = Siglip2Settings(model=str(tiny_siglip), decode_threads=1)
     with TestClient(build_app(settings)) as client:
         wait_ready(client)
@@ -282,7 +284,9 @@ def test_a_request_whose_client_disconnects_stops_its_decodes(
 
         started = time.perf_counter()
         assert client.portal is not None
-        client.portal.call(call)
+        with caplog.at_level(logging.INFO, logger="embed.access"):
+            client.portal.call(call)
+        assert "POST /embed/images 499" in caplog.text
         assert time.perf_counter() - started < 10.0  # returns once the client is gone, not after six decodes
         assert len(loads) <= 1, loads  # at most the decode that had started (WebP decodes cannot be interrupted)
         small = client.post("/embed/image", files={"file": ("small.jpg", SMALL_JPEG)})

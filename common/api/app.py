@@ -239,7 +239,6 @@ def create_app(
     app = FastAPI(title=title, version=SERVICE_VERSION, lifespan=lifespan, default_response_class=FastJSONResponse)
     app.state.runtime = runtime
     install_error_handlers(app)
-    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
@@ -249,7 +248,8 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(AccessLog, metrics=runtime.metrics)  # outermost: sees every response, 413s included
+    app.add_middleware(AccessLog, metrics=runtime.metrics)  # sees every response, 413s included
+    app.add_middleware(CancelOnDisconnect)  # outermost: its cancel reaches the access log too
     runtime.metrics.ready.set_function(lambda: 1.0 if runtime.status == "ok" else 0.0)
 
     app.include_router(service_router)

@@ -13,11 +13,10 @@ import logging
 import time
 import uuid
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.config import limit_hint
-from common.errors import PayloadTooLarge, error_body
+from common.errors import PayloadTooLarge
 from common.metrics import Metrics
 
 access_logger = logging.getLogger("embed.access")
@@ -69,6 +68,11 @@ class AccessLog(HTTPMiddleware):
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if state.get("client_disconnected"):  # set by CancelOnDisconnect, which cancelled the request
+                status = 499
+                state["error_code"] = "client_disconnected"
+            raise
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")  # the template, never the raw path
@@ -121,21 +125,21 @@ class BodySizeLimit(HTTPMiddleware):
 class CancelOnDisconnect(HTTPMiddleware):
     """Once a request's body has been read, a client that disconnects before the response starts cancels the
     request: its image decodes that have not started never run and its rows leave the batch queues (uvicorn would
-    otherwise finish the work for nobody). The access log shows 499 ``client_disconnected``.
+    otherwise finish the work for nobody). It wraps the access log, which logs such a request as 499
+    ``client_disconnected``.
 
     After the body, ``receive`` only ever says ``http.disconnect``; a watcher waits for that message, and an app
     that asks for another message gets the watcher's."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.setdefault("state", {})
         watcher: asyncio.Task[Message] | None = None
         response_started = False
-        client_gone = False
 
         async def watch() -> Message:
-            nonlocal client_gone
             message = await receive()
             if message["type"] == "http.disconnect" and not response_started:
-                client_gone = True
+                state["client_disconnected"] = True
                 work.cancel()
             return message
 
@@ -159,13 +163,9 @@ class CancelOnDisconnect(HTTPMiddleware):
             await work
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if not client_gone or (current is not None and current.cancelling()):
+            if not state.get("client_disconnected") or (current is not None and current.cancelling()):
                 raise  # the server is shutting down, not our cancel
-            scope.setdefault("state", {})["error_code"] = "client_disconnected"
-            body = error_body(
-                "the client closed the connection before the response", "invalid_request_error", "client_disconnected"
-            )
-            await JSONResponse(body, status_code=499)(scope, receive, send)  # for the access log: nobody reads it
+            # Nobody is there to read a response (servers drop what is sent to a closed connection).
         finally:
             if watcher is not None:
                 watcher.cancel()
