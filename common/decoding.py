@@ -119,8 +119,10 @@ class DecodePool:
         opened = await self._run(open_encoded_image, item, self.spec, self.max_image_bytes, cancelled)
         if opened.pixels <= SMALL_IMAGE_PIXELS:
             return await self._run(finish_image, opened, self.spec, cancelled)
-        await self.budget.acquire(opened.pixels)
-        return await self._run(_finish_large_image, opened, self.spec, cancelled, release=opened.pixels)
+        # open_image refuses an image over the whole budget; the cap only guards against waiting forever.
+        pixels = min(opened.pixels, self.budget.capacity)
+        await self.budget.acquire(pixels)
+        return await self._run(_finish_large_image, opened, self.spec, cancelled, release=pixels)
 
     def _run(self, fn: Callable[..., T], *args: object, release: int = 0) -> asyncio.Future[T]:
         """``fn(*args)`` in the pool; ``release`` pixels go back to the budget when it has finished, even if the
