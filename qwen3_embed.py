@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from common.config import ServiceSettings, default_model
-from common.loading import describe_device, display_name, locate_model, read_config
+from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
 from common.server import ServiceDefinition
 from common.service import BatchedService
 
@@ -240,14 +240,16 @@ def model_name(source: str, encoder: Qwen3Encoder) -> str:
 def load(settings: Qwen3Settings) -> Qwen3Service:
     """Resolve, load and warm up the model (runs in a thread at start-up)."""
     source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
-    encoder = Qwen3Encoder(
-        source,
-        device,
-        dtype,
-        settings.recipe(),
-        max_batch_tokens=settings.max_batch_tokens,
-        compile_model=settings.compile,
-    )
+    weights = Path(source) / "text_encoder" if _is_zimage_layout(source) else Path(source)
+    with explain_broken_weights(weights, DOWNLOAD_HELP):
+        encoder = Qwen3Encoder(
+            source,
+            device,
+            dtype,
+            settings.recipe(),
+            max_batch_tokens=settings.max_batch_tokens,
+            compile_model=settings.compile,
+        )
     encoder.embed_texts(["warm-up"])
     return Qwen3Service(settings, encoder, describe_device(device))
 

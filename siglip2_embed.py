@@ -9,10 +9,8 @@ batching and image decoding around it, and ``load``. The routes and the server a
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,8 +21,9 @@ from pydantic import Field
 from common.batching import MicroBatcher
 from common.config import ImageLimits, ServiceSettings, default_model
 from common.contract import EncodedImage
-from common.images import ImageSpec, prepare_encoded_image
-from common.loading import describe_device, display_name, locate_model, read_config
+from common.decoding import DecodePool
+from common.images import ImageSpec
+from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
 
@@ -90,8 +89,8 @@ class Siglip2Encoder:
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
-    def image_spec(self, max_pixels: int, jpeg_draft: bool) -> ImageSpec:
-        return ImageSpec(self.input_height, self.input_width, self.resample, max_pixels, jpeg_draft)
+    def image_spec(self, max_pixels: int, jpeg_draft: bool, max_decoded_pixels: int) -> ImageSpec:
+        return ImageSpec(self.input_height, self.input_width, self.resample, max_pixels, jpeg_draft, max_decoded_pixels)
 
     @torch.inference_mode()
     def embed_images(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
@@ -137,26 +136,21 @@ class Siglip2Service(BatchedService):
         )
         self.settings: Siglip2Settings = settings
         self.encoder = encoder
-        self.image_spec = encoder.image_spec(settings.max_image_pixels, settings.jpeg_draft)
-        self.decode_pool = ThreadPoolExecutor(
-            max_workers=settings.decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
+        self.image_spec = encoder.image_spec(
+            settings.max_image_pixels, settings.jpeg_draft, settings.max_decoded_pixels
+        )
+        self.decoder = DecodePool(
+            self.image_spec, settings.max_image_bytes, threads=settings.decode_threads or os.cpu_count() or 1
         )
         self.image_batcher: MicroBatcher[np.ndarray, np.ndarray] = self.make_batcher(encoder.embed_images, "images")
 
     async def stop(self) -> None:
         await super().stop()
-        self.decode_pool.shutdown(wait=True)
+        self.decoder.shutdown()
 
     async def _embed_checked_images(self, images: Sequence[EncodedImage], normalize: bool) -> np.ndarray:
         """Image files as bytes, or as base64 text (raw or data URI); decoded in the pool, never on the loop."""
-        loop = asyncio.get_running_loop()
-        limit = self.settings.max_image_bytes
-        pixels = await asyncio.gather(
-            *(
-                loop.run_in_executor(self.decode_pool, prepare_encoded_image, item, self.image_spec, limit)
-                for item in images
-            )
-        )
+        pixels = await self.decoder.decode(images)
         return stack_rows(await self.image_batcher.submit(pixels), normalize)
 
     def pair_probabilities(self, cosine: np.ndarray) -> np.ndarray:
@@ -186,7 +180,8 @@ class Siglip2Service(BatchedService):
 def load(settings: Siglip2Settings) -> Siglip2Service:
     """Resolve, load and warm up the model (runs in a thread at start-up)."""
     source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
-    encoder = Siglip2Encoder(source, device, dtype, compile_model=settings.compile)
+    with explain_broken_weights(source, DOWNLOAD_HELP):
+        encoder = Siglip2Encoder(source, device, dtype, compile_model=settings.compile)
     encoder.embed_images([np.zeros((encoder.input_height, encoder.input_width, 3), np.uint8)])  # warm-up
     encoder.embed_texts(["warm-up"])
     return Siglip2Service(settings, encoder, describe_device(device))

@@ -25,6 +25,8 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 Modality = Literal["image", "text"]
 
 MB = 1024 * 1024
+# Admits a 60-100 MP PNG or TIFF scan; decoding takes 5-20 bytes a pixel, so at most about 2 GB at once.
+DEFAULT_MAX_DECODED_PIXELS = 100_000_000
 
 
 class ServiceSettings(BaseSettings):
@@ -116,7 +118,17 @@ class ImageLimits(BaseSettings):
 
     max_image_bytes: int = Field(50 * MB, ge=1, description="bytes of one encoded image")
     max_image_pixels: int = Field(
-        200_000_000, ge=1, description="pixels of one image (decompression-bomb guard; admits 100+ MP panoramas)"
+        200_000_000,
+        ge=1,
+        description="pixels of one image, from its header (decompression-bomb guard; admits 100+ MP panoramas, "
+        "which as JPEGs are decoded at reduced scale)",
+    )
+    max_decoded_pixels: int = Field(
+        DEFAULT_MAX_DECODED_PIXELS,
+        ge=1,
+        description="pixels decoded at full size: one image (every format but JPEG, which is decoded at reduced "
+        "scale) may have at most this many, and images of more than 4 MP being decoded at once share this budget "
+        "(the rest wait)",
     )
     max_body_bytes: int = Field(256 * MB, ge=1, description="bytes of one request body, checked while it is read")
     jpeg_draft: bool = Field(True, description="decode large JPEGs at reduced scale (at least 2x the model input)")

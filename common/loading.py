@@ -1,14 +1,17 @@
 """Where a model comes from and where it runs: its local folder (a folder, the Hugging Face cache, or a download
 from the hub), the device and the dtype.
 
-A model that can be found nowhere is one clear paragraph that says how to download it, not a traceback.
+A model that can be found nowhere is one clear paragraph that says how to download it, not a traceback; so is a
+weights file that is truncated or corrupt (an interrupted download or copy).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,10 @@ def read_config(source: str, subfolder: str | None, expected_type: str, what: st
     if config.model_type != expected_type:
         raise WrongModel(f"{source} holds a {config.model_type!r} model. This service needs {what}.")
     return config
+
+
+class BrokenWeights(Exception):
+    """A weights file of the model does not load: truncated or corrupt."""
 
 
 def display_name(source: str) -> str:
@@ -155,3 +162,40 @@ def locate_model(settings: ServiceSettings, download_help: str) -> tuple[str, to
     dtype = pick_dtype(settings.dtype, device)
     logger.info("loading %s on %s as %s", source, describe_device(device), dtype)
     return source, device, dtype
+
+
+def find_broken_weights(folder: str | Path) -> tuple[Path, str] | None:
+    """The first weights file in ``folder`` that is truncated or corrupt, and why; None if they all look whole.
+
+    Reads only the headers: a safetensors header lists every tensor's byte range, so a file cut short anywhere no
+    longer covers it; a PyTorch ``.bin`` is a zip archive whose directory sits at its very end."""
+    from safetensors import safe_open  # the loaders' own dependency; imported when needed
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types, all meaning "broken"
+            return path, str(exc)
+    for path in sorted(Path(folder).glob("*.bin")):
+        if not zipfile.is_zipfile(path):
+            return path, "not a complete zip archive"
+    return None
+
+
+@contextmanager
+def explain_broken_weights(folder: str | Path, download_help: str) -> Iterator[None]:
+    """Around loading a model from ``folder``: if loading fails and a weights file there is broken, the error says
+    which file and how to download it again (the loader's own error only says "incomplete metadata")."""
+    try:
+        yield
+    except Exception as exc:
+        broken = find_broken_weights(folder)
+        if broken is None:
+            raise
+        path, reason = broken
+        raise BrokenWeights(
+            f"The weights file {path} is truncated or corrupt ({reason}): an interrupted download or copy? "
+            f"Delete it and re-download it, for example:\n\n{download_help}\n\n"
+            "(for a file in the Hugging Face cache, add --force-download to the huggingface-cli command)."
+        ) from exc

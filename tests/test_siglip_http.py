@@ -133,7 +133,7 @@ def test_request_id_is_echoed_or_made(client: TestClient) -> None:
             "invalid_request",
         ),
         (
-            lambda c: c.post("/similarity", files=[("files", ("a.jpg", JPEG))], data={"texts": "[broken"}),
+            lambda c: c.post("/similarity", files=[("files", ("a.jpg", JPEG))], data={"texts": '["broken'}),
             422,
             "invalid_request",
         ),

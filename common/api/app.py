@@ -86,8 +86,8 @@ class Runtime:
             logger.error("loading the model failed: %s", exc)  # a clear message; a traceback adds nothing
             self._fail()
             return
-        except Exception:
-            logger.exception("loading the model failed")
+        except Exception as exc:
+            logger.exception("loading the model failed: %s", exc)
             self._fail()
             return
         self.load_seconds = time.perf_counter() - started

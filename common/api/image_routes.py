@@ -3,17 +3,19 @@ or base64 in JSON as clients of the Quadux SigLIP API send it) and the cross-mod
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from common.api.app import Model, form_limits
-from common.api.json_body import JSONBodyRoute, loads, refuse_long_lists
+from common.api.json_body import JSONBodyRoute, refuse_long_lists
 from common.api.schemas import (
     EmbeddingResponse,
     EmbeddingsResponse,
@@ -26,6 +28,9 @@ from common.contract import EncodedImage
 from common.errors import InvalidRequestBody
 
 router = APIRouter(route_class=JSONBodyRoute)
+
+# How a JSON array of strings starts: such a value that does not parse is a broken array, not a text.
+_JSON_ARRAY_START = re.compile(r"\[\s*[\"\[\]]")
 
 # FastAPI's own reading of a boolean form field, for the route that parses its form by hand.
 _FORM_BOOL = TypeAdapter(bool)
@@ -118,19 +123,31 @@ async def embed_images(request: Request, model: Model) -> FastJSONResponse:
     return embedding_reply(model, request, vectors, single=False)
 
 
-async def parse_texts(values: Sequence[str], max_items: int) -> list[str]:
-    """Clients of the Quadux SigLIP API send one field holding a JSON array; repeated plain fields work too."""
+def parse_texts(values: Sequence[str], max_items: int) -> list[str]:
+    """Clients of the Quadux SigLIP API send one field holding a JSON array; repeated plain fields work too, and so
+    does one plain text, even one that starts with a bracket ("[draft] a cat").
+
+    A value that parses as a JSON array must hold strings (at most ``max_items``: 413 before anything else); one
+    that does not parse is a text, unless it starts like an array of strings (``[`` then ``"``, ``[`` or ``]``),
+    which is a 422. orjson bounds the nesting (1024) and the size of numbers, so no value reaches a recursion or
+    digit limit (the standard library raised those as a 500)."""
     texts: list[str] = []
     for value in values:
         stripped = value.strip()
-        if stripped.startswith("["):
-            parsed = await loads(stripped, "texts")
-            refuse_long_lists(parsed, max_items)
-            if not isinstance(parsed, list) or not all(isinstance(t, str) for t in parsed):
-                raise InvalidRequestBody("texts: expected a JSON array of strings")
-            texts.extend(parsed)
-        else:
+        if not stripped.startswith("["):
             texts.append(value)
+            continue
+        try:
+            parsed = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            if _JSON_ARRAY_START.match(stripped):
+                raise InvalidRequestBody("texts: not a valid JSON array of strings") from None
+            texts.append(value)
+            continue
+        refuse_long_lists(parsed, max_items)
+        if not isinstance(parsed, list) or not all(isinstance(t, str) for t in parsed):
+            raise InvalidRequestBody("texts: expected a JSON array of strings")
+        texts.extend(parsed)
     if not texts or any(not t for t in texts):
         raise InvalidRequestBody("texts: give one or more non-empty texts")
     return texts
@@ -147,7 +164,7 @@ async def similarity(
     ),
 ) -> FastJSONResponse:
     """Texts x images: ``similarities`` (the model's pair probabilities) and ``cosine``, one row per text."""
-    parsed = await parse_texts(texts, model.settings.max_items_per_request)
+    parsed = parse_texts(texts, model.settings.max_items_per_request)
     text_vectors, image_vectors = await model.embed_texts_and_images(parsed, await read_uploads(files))
     cosine = text_vectors @ image_vectors.T
     request.state.items = len(files) + len(parsed)
