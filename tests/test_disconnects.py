@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,20 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-import torch
 
 from common.batching import MicroBatcher
 from tests.live_server import connect, json_request, server_thread, service_process, text_app
 
 SLOW_BATCH_S = 0.1
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def slow_and_recorded(seen: list[str]) -> Callable[[Any], Any]:

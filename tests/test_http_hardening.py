@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import requests
-import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,14 +42,7 @@ from tests.live_server import (
     text_app,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    # Tiny models under concurrent requests on a 2-core machine: OpenMP threads would only spin against the server.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- who may make the service work: decided before the body is read ------------------------------------------------

@@ -3,10 +3,8 @@ with its access log line), then the process exits 0 and stops listening."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import MIXED_TEXTS, free_port, mixed_images
+from tests.helpers import MIXED_TEXTS, mixed_images
+from tests.live_server import service_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,32 +24,10 @@ pytestmark = pytest.mark.slow  # a real server process
 @pytest.fixture
 def image_server(tiny_siglip: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     """siglip2_embed.py as a real process on the tiny model; a batch waits 3 s for more items to arrive."""
-    port = free_port()
     log = tmp_path / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for name in ("EMBED_API_KEY", "EMBED_LOG_FILE", "SIGLIP2_LOG_FILE", "EMBED_HOST"):
-        env.pop(name, None)  # a plain local server, logging to stdout
-    command = [sys.executable, "siglip2_embed.py", "--model", str(tiny_siglip), "--port", str(port)]
-    command += ["--log-level", "info", "--max-batch-wait-ms", "3000", "--device", "cpu"]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    args = ("--log-level", "info", "--max-batch-wait-ms", "3000")
+    with service_process("siglip2_embed.py", tiny_siglip, log, *args) as (process, url):
         yield process, url, log
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(

@@ -8,7 +8,7 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,20 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-import torch
 
 import common.server
 from common.batching import MicroBatcher
 from common.errors import NotReady
 from tests.live_server import service_process, started_server, text_app
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def post_all(url: str, count: int) -> tuple[ThreadPoolExecutor, list[Any]]:
