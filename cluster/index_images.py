@@ -1,0 +1,254 @@
+"""Bulk import on Ray Data: every image under SOURCE into a Parquet dataset of unit vectors, equal to what the image
+service's ``POST /embed/image`` returns for each file, on a local Ray or on a running cluster.
+
+    python -m cluster.index_images SOURCE --out OUT_DIR [--model PATH_OR_ID] [--address auto|ray://HOST:10001]
+        [--actors N] [--gpus-per-actor F] [--batch-size B] [--reindex]
+
+SOURCE is a local folder or any URI pyarrow reads (s3://bucket/photos, gs://..., file:///...). OUT_DIR gets
+``vectors/`` (the standalone indexer's columns) and ``failures/`` (path and reason of each file that could not be
+embedded); cluster/store.py describes the layout and why reruns and kills are safe. Files already in OUT_DIR with
+the same path, size, mtime, model and version are skipped; ``--reindex`` embeds everything again.
+
+Ray prints its own progress. The last line on stdout is one JSON object:
+``{"embedded": N, "skipped": N, "failed": N, "removed": N, "seconds": S, "out": "OUT_DIR"}``.
+Exit codes: 0 done (even with failed files), 1 the job failed (what finished is kept: rerun to carry on), 2 bad
+arguments, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import ray
+
+from cluster.pipeline import PoolOptions, embedding_dataset, read_image_spec
+from cluster.source import BadLocation, Source, SourceFile, list_images, open_source, unreadable
+from cluster.store import OutputStore
+from common.loading import display_name
+from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger("cluster.index_images")
+
+
+@dataclass
+class Summary:
+    embedded: int  # vectors written in this run
+    skipped: int  # files already in the output, unchanged
+    failed: int  # files that could not be embedded (listed in OUT_DIR/failures/)
+    removed: int  # rows of the previous output that the new one no longer has (file deleted, or changed and failed)
+    seconds: float
+    out: str
+    # Where the time went, in seconds from the start (logged, and read by the benchmark; not in the JSON line).
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def json_line(self) -> str:
+        keys = ("embedded", "skipped", "failed", "removed", "seconds", "out")
+        return json.dumps({key: getattr(self, key) for key in keys})
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` (or RAY_ADDRESS), or start a local Ray for this job when there is none.
+    On a cluster the repository is shipped as the job's working_dir (Ray skips what .gitignore lists), so every node
+    imports this code; each node still needs the packages of requirements.txt and requirements-cluster.txt."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # "local": always a new Ray of this job's own, even if `ray start` left one running on this machine.
+        started = time.monotonic()
+        ray.init(address="local")
+        logger.info("started a local Ray in %.1f s", time.monotonic() - started)
+        return
+    ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": [".git", "tests", "bench"]})
+
+
+def pool_options(
+    actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float, batch_size: int
+) -> PoolOptions:
+    """Unset values from the cluster: one actor per GPU when there are GPUs, else one CPU actor."""
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus else 0.0
+    if actors is None:
+        actors = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1
+    return PoolOptions(actors, gpus_per_actor, cpus_per_actor, batch_size)
+
+
+def run(
+    source_uri: str,
+    out: str,
+    settings: Siglip2Settings,
+    *,
+    reindex: bool = False,
+    address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 32,
+) -> Summary:
+    """One bulk import. Ray is joined or started only when there is something to embed; a Ray that is already
+    initialised (a test, a notebook) is used as it is."""
+    started = time.monotonic()
+    phases: dict[str, float] = {}
+
+    def reached(phase: str) -> None:
+        phases[phase] = round(time.monotonic() - started, 3)
+
+    source = open_source(source_uri)
+    store = OutputStore(out, display_name(settings.model), EMBEDDING_VERSION)
+    files = list_images(source)
+    plan = store.plan(files, reindex)
+    failures = unreadable(source, plan.todo)
+    failed_now = {f.rel for f, _ in failures}
+    todo = [f for f in plan.todo if f.rel not in failed_now]
+    reached("listed")
+    logger.info("%d images under %s: %d to embed, %d already indexed", len(files), source_uri, len(todo), plan.skipped)
+    embedded = 0
+    if todo:
+        connect(address)
+        reached("ray ready")
+        if source.is_local_folder and len([node for node in ray.nodes() if node["Alive"]]) > 1:
+            logger.warning(
+                "SOURCE %s is a local folder and the cluster has several nodes: every node must see it at the same "
+                "path (a network file system), or the job fails; object storage (s3://...) needs no such care",
+                source_uri,
+            )
+        pool = pool_options(actors, gpus_per_actor, cpus_per_actor, batch_size)
+        embedded, more_failures = _embed(source, todo, settings, pool, store, reached)
+        failures += more_failures
+    store.write_failures(failures)
+    kept = store.compact(files)
+    reached("compacted")
+    removed = len(plan.indexed_paths) - int(pc.sum(pc.is_in(plan.indexed_paths, value_set=kept)).as_py() or 0)
+    logger.info("phases (seconds from the start): %s", phases)
+    return Summary(embedded, plan.skipped, len(failures), removed, phases["compacted"], out, phases)
+
+
+def _embed(
+    source: Source,
+    todo: list[SourceFile],
+    settings: Siglip2Settings,
+    pool: PoolOptions,
+    store: OutputStore,
+    reached: Callable[[str], None],
+) -> tuple[int, list[tuple[SourceFile, str]]]:
+    """Run the Ray Data pipeline; every block that arrives becomes a part at once. Returns (embedded, failures)."""
+    spec = ray.get(ray.remote(read_image_spec).remote(settings))
+    reached("image spec read")
+    by_location = {f.location: f for f in todo}
+    seen: set[str] = set()
+    embedded = 0
+    failures: list[tuple[SourceFile, str]] = []
+    dataset = embedding_dataset(source, todo, settings, spec, pool)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        if not seen:
+            reached("first vectors")  # after the actors loaded the model
+        files = [by_location[location] for location in batch["path"]]
+        seen.update(batch["path"])
+        ok = batch["error"] == ""
+        store.write_rows([f for f, good in zip(files, ok, strict=True) if good], batch["vector"][ok])
+        embedded += int(ok.sum())
+        failures += [(f, str(error)) for f, error in zip(files, batch["error"], strict=True) if error]
+    reached("embedded")
+    logger.debug("Ray Data's statistics:\n%s", dataset.stats())
+    # Ray's reader skips files deleted since the listing (ignore_missing_paths).
+    failures += [(f, "the file was deleted before it was read") for f in todo if f.location not in seen]
+    return embedded, failures
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.index_images",
+        description="Embed every image under SOURCE (a folder or a URI such as s3://bucket/photos) into OUT_DIR "
+        "with Ray Data: vectors/ (path, size, mtime, model, version, vector) and failures/ (path, reason). Reruns "
+        "embed only new or changed files. Model options not given here come from the image service's environment "
+        "variables (SIGLIP2_MODEL, EMBED_DEVICE, EMBED_DTYPE, ...).",
+    )
+    parser.add_argument("source", metavar="SOURCE", help="a local folder or a URI pyarrow reads")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (or URI)")
+    parser.add_argument("--model", help="SigLIP checkpoint folder or hub id (default: as the image service)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], help="default auto")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default auto")
+    parser.add_argument("--max-image-pixels", type=_positive_int, help="as the service's flag")
+    parser.add_argument("--max-image-bytes", type=_positive_int, help="as the service's flag")
+    parser.add_argument("--jpeg-draft", action=argparse.BooleanOptionalAction, default=None, help="default on")
+    parser.add_argument(
+        "--address",
+        help="a running Ray cluster: auto, HOST:6379 or ray://HOST:10001 (default RAY_ADDRESS, else a "
+        "local Ray started for this job)",
+    )
+    parser.add_argument("--actors", type=_positive_int, help="encoder actors (default: one per GPU, else 1)")
+    parser.add_argument("--gpus-per-actor", type=_non_negative_float, help="default 1 with GPUs, else 0")
+    parser.add_argument(
+        "--cpus-per-actor", type=_non_negative_float, default=1.0, help="CPU reserved per actor (default 1)"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--reindex", action="store_true", help="embed every file again")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Siglip2Settings:
+    """The image service's settings: flags given here, then its environment variables, then its defaults."""
+    names = ("model", "device", "dtype", "max_image_pixels", "max_image_bytes", "jpeg_draft")
+    given: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return Siglip2Settings(**given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(
+            args.source,
+            args.out,
+            settings_from(args),
+            reindex=args.reindex,
+            address=args.address,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor,
+            batch_size=args.batch_size,
+        )
+    except BadLocation as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: finished blocks are kept; run the same command to carry on\n")
+        return 130
+    except Exception:
+        logger.exception("the job failed; finished blocks are kept: run the same command to carry on")
+        return 1
+    finally:
+        # Before the summary: nothing Ray forwards from its workers can print after it.
+        ray.shutdown()
+    sys.stdout.write(summary.json_line() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""The Ray Data stages of a bulk import: file bytes -> pixels on CPU tasks, pixels -> unit vectors in a pool of
+actors that each hold one ``Siglip2Encoder``.
+
+The vectors are the service's: the same decoding (``common.images``), the same image spec read from the checkpoint,
+the same encoder and the same L2 normalisation as ``POST /embed/image``. This module imports neither torch nor
+transformers at the top, so decoding workers do not pay for them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+import ray.data
+
+from cluster.source import Source, SourceFile
+from common.errors import EmbedError
+from common.images import ImageSpec, prepare_encoded_image
+
+if TYPE_CHECKING:
+    from siglip2_embed import Siglip2Settings
+
+
+# A decoding worker: the process itself (Python, Ray, PIL, pyarrow: ~350 MB measured) and one large image while it
+# is decoded (a 24 MP JPEG at draft scale, a 50 MP PNG in full).
+DECODE_WORKER_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    actors: int  # encoder actors, each holding one copy of the model
+    gpus_per_actor: float  # 0 on a CPU-only cluster; a fraction packs several actors on one GPU
+    cpus_per_actor: float  # CPU reserved for each actor (its forward passes on a CPU-only cluster)
+    batch_size: int  # images per decoding batch and per forward pass
+
+
+def decode_memory(spec: ImageSpec, files: list[SourceFile], batch_size: int) -> int:
+    """Memory a read-and-decode task reserves: the worker, and a batch of files with their pixels at the input size."""
+    mean_file_bytes = sum(f.size for f in files) // max(1, len(files))
+    return DECODE_WORKER_BYTES + batch_size * (mean_file_bytes + spec.height * spec.width * 3)
+
+
+def resolve_model(settings: Siglip2Settings) -> str:
+    """The model's local folder on this node; a hub id is downloaded here once if this node lacks it."""
+    from common.loading import resolve_model_source
+    from siglip2_embed import DOWNLOAD_HELP
+
+    return resolve_model_source(settings.model, download_help=DOWNLOAD_HELP, download=True)
+
+
+def read_image_spec(settings: Siglip2Settings) -> ImageSpec:
+    """The image spec the decoders need, read from the checkpoint's preprocessor config without loading weights.
+    Runs as a Ray task, so the driver needs no copy of the model. Mirrors ``Siglip2Encoder.image_spec``; every actor
+    checks that the two agree before it embeds anything."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(resolve_model(settings))
+    return ImageSpec(
+        processor.size["height"],
+        processor.size["width"],
+        Image.Resampling(int(processor.resample)),
+        settings.max_image_pixels,
+        settings.jpeg_draft,
+    )
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: ImageSpec, max_bytes: int) -> dict[str, np.ndarray]:
+    """File bytes -> uint8 pixels at the input size, and an error message ("" when fine) per row. A file that does not
+    decode is one row's error, never the task's: the job goes on and the driver lists it as a failure."""
+    count = len(batch["path"])
+    pixels = np.zeros((count, spec.height, spec.width, 3), np.uint8)
+    errors = np.full(count, "", dtype=object)
+    for row, data in enumerate(batch["bytes"]):
+        try:
+            pixels[row] = prepare_encoded_image(bytes(data), spec, max_bytes)
+        except EmbedError as exc:  # the same code and message the service answers with
+            errors[row] = f"{exc.code}: {exc.message}"
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop a million-file job
+            errors[row] = f"internal_error: {type(exc).__name__}: {exc}"
+    return {"path": batch["path"], "pixels": pixels, "error": errors}
+
+
+class ImageEmbedder:
+    """One actor of the pool: loads the encoder once, then embeds batches of decoded pixels."""
+
+    def __init__(self, settings: Siglip2Settings, spec: ImageSpec) -> None:
+        from common.loading import pick_device, pick_dtype
+        from siglip2_embed import Siglip2Encoder
+
+        device = pick_device(settings)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: "auto" finds it
+        self.encoder = Siglip2Encoder(
+            resolve_model(settings), device, pick_dtype(settings.dtype, device), settings.compile
+        )
+        mine = self.encoder.image_spec(spec.max_pixels, spec.jpeg_draft)
+        if mine != spec:
+            raise RuntimeError(f"the decoders use {spec} but the encoder wants {mine}: read_image_spec is out of date")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from common.service import l2_normalize
+
+        ok = batch["error"] == ""
+        vectors = np.zeros((len(ok), self.encoder.dimension), np.float32)
+        if ok.any():
+            vectors[ok] = l2_normalize(self.encoder.embed_images(list(batch["pixels"][ok])))
+        # The pixels stay behind: only paths, vectors and errors travel back to the driver.
+        return {"path": batch["path"], "vector": vectors, "error": batch["error"]}
+
+
+def embedding_dataset(
+    source: Source,
+    files: list[SourceFile],
+    settings: Siglip2Settings,
+    spec: ImageSpec,
+    pool: PoolOptions,
+) -> ray.data.Dataset:
+    """read -> decode (CPU tasks, fused with the read: the bytes never enter the object store) -> embed (actors).
+    Rows come out as {"path": file location, "vector": unit vector, "error": "" or why the file failed}."""
+    # The same resources for reading and decoding, so Ray Data fuses them into one task: the file bytes never enter
+    # the object store. A memory figure that the actors do not share keeps Ray Data from also fusing the decoding
+    # into the encoder actors (it does that on a CPU-only cluster when both ask for one CPU), which would decode in
+    # the actors, one image at a time, instead of on every core.
+    decode_resources: dict[str, Any] = {"num_cpus": 1, "memory": decode_memory(spec, files, pool.batch_size)}
+    dataset = ray.data.read_binary_files(
+        [f.location for f in files],
+        include_paths=True,
+        filesystem=source.filesystem,
+        # batch_size files per read task: the decoding gets whole blocks (see below), and this bounds its memory.
+        override_num_blocks=max(1, math.ceil(len(files) / pool.batch_size)),
+        **decode_resources,
+        # A file deleted since the listing is skipped, not a failed job; the driver reports it.
+        ignore_missing_paths=True,
+        # No file_extensions: the listing already kept only image extensions, case-insensitively, as the
+        # standalone indexer does.
+    )
+    dataset = dataset.map_batches(
+        partial(decode_batch, spec=spec, max_bytes=settings.max_image_bytes),
+        # Whole read blocks: Ray Data fuses a read only into a map without a batch size.
+        batch_size=None,
+        batch_format="numpy",
+        **decode_resources,
+    )
+    constructor_kwargs: dict[str, Any] = {"settings": settings, "spec": spec}
+    return dataset.map_batches(
+        ImageEmbedder,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=pool.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_gpus=pool.gpus_per_actor,
+        num_cpus=pool.cpus_per_actor,
+    )
