@@ -1,0 +1,192 @@
+"""Both services as Ray Serve applications, built from the same ``ServiceDefinition`` as the standalone processes.
+
+    serve run cluster/serve_config.yaml                 # both, one HTTP port: /siglip2/... and /qwen3/...
+    serve run cluster.serve:siglip2_app model=/models/siglip2 max_batch_size=64 --route-prefix /siglip2
+
+Each replica is a Ray actor that builds the service's own FastAPI app (``SERVICE.build_app(settings)``) and serves
+it as its ASGI ingress: the same routes, error envelope, request ids, API key, body limit, ``/metrics`` and
+micro-batcher as ``siglip2_embed.py`` / ``qwen3_embed.py``, and one model per replica, loaded by the app's lifespan.
+Serve's proxy passes the route prefix as the ASGI ``root_path``, so the app matches the paths it always matches.
+
+Readiness. Serve counts a replica as running, and starts routing requests to it, once its ASGI lifespan start-up
+has finished. The app's own lifespan returns at once and loads the model in the background (so that a standalone
+server can answer ``/health`` 503 meanwhile); here the start-up also waits until the model is loaded, so a replica
+whose model is still loading never gets a request, and a replica whose model fails to load fails to start (Serve
+retries it, and reports the error in ``serve status``). ``check_health`` fails once the model turns unhealthy (a
+broken device), and Serve replaces the replica. So whichever replica answers ``GET /health``, it answers for a model
+that is loaded: 200 means a request would be served now. While no replica of an application is running yet, Serve
+holds requests (``/health`` included) at the proxy until one is.
+
+The builders' ``args`` are the services' settings, under the names of their flags (``max_batch_size`` or
+``max-batch-size``); what they leave out comes from the same environment variables as the standalone services
+(``SIGLIP2_MODEL``, ``EMBED_API_KEY``, ...), read where the application is built. Replica counts and resources are
+Serve's deployment options: the ``deployments:`` section of a config file, or ``application(..., **options)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+from ray.serve.deployment import Deployment
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.api.app import Runtime
+from common.config import ServiceSettings
+from common.contract import EmbeddingModel
+from common.server import ServiceDefinition, configure_logging
+
+# Application name -> the module that defines its SERVICE (imported lazily: only the replicas need the model code).
+SERVICE_MODULES = {"siglip2": "siglip2_embed", "qwen3": "qwen3_embed"}
+
+# Settings Serve decides instead: the proxy's http_options set the address, and Ray keeps each replica's log.
+NOT_USED_UNDER_SERVE = {
+    "host": "the HTTP address is Serve's (http_options.host in the config, or serve start --http-host)",
+    "port": "the HTTP port is Serve's (http_options.port in the config, or serve start --http-port)",
+    "log_file": "each replica logs to Ray's log folder (/tmp/ray/session_latest/logs/serve/ and worker-*.err)",
+}
+
+# How often a starting replica looks at its model's loading state.
+READY_POLL_S = 0.05
+
+# Deployment options that differ from Serve's defaults, each overridable from the config file.
+DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    # Serve's default (5 requests in a replica at once) would cap every forward pass at 5 requests: the
+    # micro-batcher needs many requests in flight to fill a batch; the service's own queue limit answers 429.
+    "max_ongoing_requests": 128,
+    # The standalone service drains requests in flight for up to 30 s on SIGTERM; a replica does the same.
+    "graceful_shutdown_timeout_s": 30.0,
+    # The app logs one line per request already, with its request id and item count (as uvicorn's is off).
+    "logging_config": {"enable_access_log": False},
+}
+
+
+def service_definition(name: str) -> ServiceDefinition[Any]:
+    if name not in SERVICE_MODULES:
+        raise ValueError(f"unknown service {name!r}; the services are {', '.join(SERVICE_MODULES)}")
+    definition: ServiceDefinition[Any] = importlib.import_module(SERVICE_MODULES[name]).SERVICE
+    return definition
+
+
+def settings_from_args(name: str, args: Mapping[str, Any]) -> ServiceSettings:
+    """The builder's ``args`` (flag names, ``-`` or ``_``) over the environment, validated now: a typo or a bad
+    value fails ``serve run`` / ``serve deploy`` with a message instead of every replica."""
+    settings_cls = service_definition(name).settings_cls
+    values: dict[str, Any] = {}
+    for key, value in args.items():
+        field = key.removeprefix("--").replace("-", "_")
+        if field in NOT_USED_UNDER_SERVE:
+            raise ValueError(f"{name}: {key!r} is not used under Ray Serve: {NOT_USED_UNDER_SERVE[field]}")
+        if field not in settings_cls.model_fields:
+            raise ValueError(
+                f"{name}: unknown setting {key!r}; the settings are the flags of "
+                f"'python {SERVICE_MODULES[name]}.py --help'"
+            )
+        values[field] = value
+    try:
+        settings: ServiceSettings = settings_cls(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ValueError(f"{name}: invalid setting: {problems}") from None
+    return settings
+
+
+def _wait_for_the_model(app: FastAPI, runtime: Runtime) -> None:
+    """Make the app's lifespan start-up end only once the model is loaded (see the module docstring)."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(asgi_app: Any) -> AsyncIterator[Any]:
+        context: AbstractAsyncContextManager[Any] = inner(asgi_app)
+        async with context as state:
+            while runtime.status == "loading":
+                await asyncio.sleep(READY_POLL_S)
+            if runtime.status != "ok":
+                # Its cause is logged above by the app ("loading the model failed"); Serve starts another replica.
+                raise RuntimeError(f"the model did not load (status {runtime.status}); see the replica's log")
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
+class ProxyAddsRequestId:
+    """Drops the app's ``X-Request-ID`` response header: Serve's proxy adds its own to every response, with the same
+    value (the client's id, or one it made and passed on as the request's header, which the app then echoes), so
+    the client would see it twice (``abc, abc``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+            await send(message)
+
+        await self.app(scope, receive, send_without_id)
+
+
+class EmbeddingReplica:
+    """One replica: the service's app, built in the replica's process, with its own model and micro-batcher."""
+
+    def __init__(
+        self, name: str, settings: ServiceSettings, load: Callable[[ServiceSettings], EmbeddingModel] | None = None
+    ) -> None:
+        self.definition = service_definition(name)
+        self.settings = settings
+        self.load = load
+        self.runtime: Runtime | None = None
+        configure_logging(settings.log_level)  # to stderr, which Ray keeps in the replica's worker log
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Called by Serve after ``__init__``; Serve then runs the app's lifespan (which loads the model)."""
+        load = self.load
+        app = self.definition.build_app(self.settings, load=None if load is None else lambda: load(self.settings))
+        self.runtime = app.state.runtime
+        _wait_for_the_model(app, app.state.runtime)
+        app.add_middleware(ProxyAddsRequestId)  # outermost: after the access log has added the header
+        return app
+
+    def check_health(self) -> None:
+        """Serve calls this every ``health_check_period_s``; raising makes it replace the replica."""
+        status = self.runtime.status if self.runtime is not None else "loading"
+        if status != "ok":
+            raise RuntimeError(f"model is {status}")
+
+
+EmbeddingDeployment: Deployment = serve.deployment(**DEPLOYMENT_DEFAULTS)(serve.ingress()(EmbeddingReplica))
+
+
+def application(
+    name: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    load: Callable[[ServiceSettings], EmbeddingModel] | None = None,
+    **options: Any,
+) -> Application:
+    """The application of service ``name`` ("siglip2" or "qwen3"): settings from ``args`` and the environment,
+    Serve deployment options (``num_replicas``, ``ray_actor_options``, ...) from ``options``. ``load`` replaces the
+    service's model loading, as ``build_app``'s does (tests; it must be importable in the replicas)."""
+    settings = settings_from_args(name, args or {})
+    return EmbeddingDeployment.options(name=name, **options).bind(name, settings, load)
+
+
+def siglip2_app(args: dict[str, Any]) -> Application:
+    """Builder for ``import_path: cluster.serve:siglip2_app``."""
+    return application("siglip2", args)
+
+
+def qwen3_app(args: dict[str, Any]) -> Application:
+    """Builder for ``import_path: cluster.serve:qwen3_app``."""
+    return application("qwen3", args)
