@@ -19,7 +19,7 @@ import ray.data
 
 from cluster.source import Source, SourceFile
 from common.errors import EmbedError
-from common.images import ImageSpec, prepare_encoded_image
+from common.images import ImageSpec, encoded_bytes, prepare_image
 
 if TYPE_CHECKING:
     from siglip2_embed import Siglip2Settings
@@ -66,6 +66,7 @@ def read_image_spec(settings: Siglip2Settings) -> ImageSpec:
         Image.Resampling(int(processor.resample)),
         settings.max_image_pixels,
         settings.jpeg_draft,
+        settings.max_decoded_pixels,
     )
 
 
@@ -77,7 +78,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: ImageSpec, max_bytes: int) 
     errors = np.full(count, "", dtype=object)
     for row, data in enumerate(batch["bytes"]):
         try:
-            pixels[row] = prepare_encoded_image(bytes(data), spec, max_bytes)
+            pixels[row] = prepare_image(encoded_bytes(bytes(data), max_bytes), spec)
         except EmbedError as exc:  # the same code and message the service answers with
             errors[row] = f"{exc.code}: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop a million-file job
@@ -96,7 +97,7 @@ class ImageEmbedder:
         self.encoder = Siglip2Encoder(
             resolve_model(settings), device, pick_dtype(settings.dtype, device), settings.compile
         )
-        mine = self.encoder.image_spec(spec.max_pixels, spec.jpeg_draft)
+        mine = self.encoder.image_spec(spec.max_pixels, spec.jpeg_draft, spec.max_decoded_pixels)
         if mine != spec:
             raise RuntimeError(f"the decoders use {spec} but the encoder wants {mine}: read_image_spec is out of date")
 

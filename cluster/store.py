@@ -147,7 +147,8 @@ class OutputStore:
                 continue
             order = (np.int64(index) << np.int64(32)) + np.arange(len(keys), dtype=np.int64)
             tables.append(keys.append_column("order", pa.array(order, pa.int64())))
-        empty = pa.schema([*index_schema(1).remove(5), ("order", pa.int64())]).empty_table()
+        key_fields = [index_schema(1).field(name) for name in KEY_COLUMNS]
+        empty = pa.schema([*key_fields, ("order", pa.int64())]).empty_table()
         return pa.concat_tables([empty, *tables], promote_options="permissive")
 
     @staticmethod
@@ -186,6 +187,8 @@ class OutputStore:
                 "model": [self.model] * len(files),
                 "version": [self.version] * len(files),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
+                # The standalone indexer's column for names that are not UTF-8; object storage keys always are.
+                "path_bytes": pa.nulls(len(files), pa.binary()),
             },
             schema=index_schema(vectors.shape[1]),
         )

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.helpers import assert_error, image_app, image_bytes, photo_like, serving, text_app
+from tests.helpers import assert_error, image_app, image_bytes, photo_like, serving, text_app, wait_ready
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -131,3 +131,14 @@ def test_request_id_is_on_every_response_and_in_the_access_log(
                 assert request_id in caplog.text
                 made = call({"X-Request-ID": "bad\nid"}).headers["x-request-id"]  # not printable: replaced
                 assert len(made) == 32 and made in caplog.text
+
+
+def test_the_api_key_holds_under_a_path_prefix(tiny_zimage: Path) -> None:
+    """Mounted under a prefix (a Ray Serve route prefix, a proxy's root path) the app sees the prefix in the path:
+    the key check must still find its routes."""
+    app = text_app(tiny_zimage, api_key="secret")
+    with TestClient(app, base_url="http://testserver/qwen3", root_path="/qwen3") as client:
+        wait_ready(client)
+        assert_error(client.post("/embed/texts", json={"texts": ["a"]}), 401, "invalid_api_key")
+        ok = client.post("/embed/texts", json={"texts": ["a"]}, headers={"Authorization": "Bearer secret"})
+        assert ok.status_code == 200

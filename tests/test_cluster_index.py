@@ -25,7 +25,7 @@ from cluster.source import list_images, open_source
 from cluster.store import OutputStore
 from embed_client.indexer import index_schema
 from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings, build_app
-from tests.conftest import image_bytes, photo_like, ready_client
+from tests.helpers import image_bytes, photo_like, ready_client
 
 ROOT = Path(__file__).resolve().parent.parent
 

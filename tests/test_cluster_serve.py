@@ -41,7 +41,7 @@ from qwen3_embed import Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Service, Siglip2Settings, load
 from siglip2_embed import build_app as build_image_app
-from tests.conftest import image_bytes, photo_like, ready_client
+from tests.helpers import image_bytes, photo_like, ready_client
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "cluster" / "serve_config.yaml"
@@ -317,7 +317,7 @@ BAD_CALLS: list[Call] = [
         "/embed/texts",
         {"content": b'{"texts": ["' + b"a" * 1_100_000 + b'"]}', "headers": {**AUTH, "content-type": JSON}},
     ),
-    ("POST", "/similarity", {"files": [("files", ("a.jpg", JPEG))], "data": {"texts": "[broken"}, "headers": AUTH}),
+    ("POST", "/similarity", {"files": [("files", ("a.jpg", JPEG))], "data": {"texts": '["broken'}, "headers": AUTH}),
     ("POST", "/v1/embeddings", {"json": {"input": ["data:image/png;base64,AAAA"]}, "headers": AUTH}),
     ("POST", "/embed/text", {"json": {"text": "a"}}),  # no key
     ("GET", "/info", {"headers": {"Authorization": "Bearer wrong"}}),

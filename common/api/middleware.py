@@ -119,7 +119,8 @@ class AccessLog(HTTPMiddleware):
         route = scope.get("route")
         if route is not None:
             return str(getattr(route, "path", "unmatched"))
-        return str(scope["path"]) if scope["path"] in self.route_paths else "unmatched"
+        path = app_path(scope)
+        return path if path in self.route_paths else "unmatched"
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = request_id_from(header(scope, b"x-request-id") or "")
@@ -267,6 +268,13 @@ class RequestBody(HTTPMiddleware):
                 watcher.cancel()
 
 
+def app_path(scope: Scope) -> str:
+    """The request's path within the app: an app mounted under a prefix (a Ray Serve route prefix, a proxy's
+    --root-path) sees the prefix in ``path`` too, and a check by path must not be bypassed by it."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def _host_name(host: str) -> str:
     """The name of a Host header, without port or brackets: ``[::1]:6010`` -> ``::1``."""
     host = host.strip().lower()
@@ -356,7 +364,8 @@ class RequestGuard(HTTPMiddleware):
                 "cross-origin requests from browsers are refused; list the page's origin in cors_origins "
                 "(--cors-origins or EMBED_CORS_ORIGINS)"
             )
-        needs_key = self.api_key is not None and scope["method"] != "OPTIONS" and scope["path"] in self.protected_paths
+        protected = app_path(scope) in self.protected_paths
+        needs_key = self.api_key is not None and scope["method"] != "OPTIONS" and protected
         if needs_key and not self.key_ok(header(scope, b"authorization") or ""):
             return Unauthorized(
                 "missing or wrong API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
