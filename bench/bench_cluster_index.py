@@ -32,7 +32,7 @@ import numpy as np
 from bench.loadgen import ROOT, free_port, server_process
 from bench.models import add_model_arguments, model_from_arguments
 from cluster.index_images import Summary
-from tests.conftest import image_bytes, photo_like
+from tests.helpers import image_bytes, photo_like
 
 OUT = ROOT / "bench" / "out"
 TICKS = os.sysconf("SC_CLK_TCK")
