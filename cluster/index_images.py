@@ -35,6 +35,7 @@ from cluster.pipeline import PoolOptions, embedding_dataset, read_image_spec
 from cluster.source import BadLocation, Source, SourceFile, list_images, open_source, unreadable
 from cluster.store import OutputStore
 from common.loading import display_name
+from embed_client.__main__ import positive_int
 from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,13 +168,6 @@ def _embed(
     return embedded, failures
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -194,20 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="SigLIP checkpoint folder or hub id (default: as the image service)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], help="default auto")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default auto")
-    parser.add_argument("--max-image-pixels", type=_positive_int, help="as the service's flag")
-    parser.add_argument("--max-image-bytes", type=_positive_int, help="as the service's flag")
+    parser.add_argument("--max-image-pixels", type=positive_int, help="as the service's flag")
+    parser.add_argument("--max-image-bytes", type=positive_int, help="as the service's flag")
     parser.add_argument("--jpeg-draft", action=argparse.BooleanOptionalAction, default=None, help="default on")
     parser.add_argument(
         "--address",
         help="a running Ray cluster: auto, HOST:6379 or ray://HOST:10001 (default RAY_ADDRESS, else a "
         "local Ray started for this job)",
     )
-    parser.add_argument("--actors", type=_positive_int, help="encoder actors (default: one per GPU, else 1)")
+    parser.add_argument("--actors", type=positive_int, help="encoder actors (default: one per GPU, else 1)")
     parser.add_argument("--gpus-per-actor", type=_non_negative_float, help="default 1 with GPUs, else 0")
     parser.add_argument(
         "--cpus-per-actor", type=_non_negative_float, default=1.0, help="CPU reserved per actor (default 1)"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--reindex", action="store_true", help="embed every file again")
     return parser
 

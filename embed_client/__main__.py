@@ -14,7 +14,8 @@ from embed_client.client import EmbedClient, EmbedClientError, ServiceError, Wro
 from embed_client.indexer import IndexRefused, IndexSummary, index_folder
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (the cluster job's command line uses it too)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
@@ -35,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--out", type=Path, required=True, help="the parquet file to write (e.g. vectors.parquet)")
     index.add_argument("--url", default="http://127.0.0.1:6010", help="image service (default %(default)s)")
     index.add_argument("--api-key", default=None, help="Bearer key; default: the EMBED_API_KEY environment variable")
-    index.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (default 4)")
-    index.add_argument("--chunk-size", type=_positive_int, default=None, help="images per request (default: server)")
+    index.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight (default 4)")
+    index.add_argument("--chunk-size", type=positive_int, default=None, help="images per request (default: server)")
     index.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     index.add_argument("--retries", type=int, default=5, help="retries on 429/503/connection errors (default 5)")
     index.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a loading model (default 300)")
