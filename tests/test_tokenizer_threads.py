@@ -21,29 +21,17 @@ from tests.helpers import image_app, serving, text_app
 CPU = torch.device("cpu")
 
 
-def test_a_fast_tokenizer_is_not_safe_across_threads(tiny_siglip: Path) -> None:
-    """Why the rule exists (if a tokenizers release makes this pass, the rule may be relaxed)."""
+def test_a_fast_tokenizer_keeps_its_call_settings_as_shared_state(tiny_siglip: Path) -> None:
+    """Why the rule exists, shown without a race (a race only shows up now and then): each call rewrites the
+    backend tokenizer's padding setting, which another thread's call in flight then reads. If a tokenizers release
+    stops doing this, the rule may be relaxed."""
     encoder = Siglip2Encoder(str(tiny_siglip), CPU, torch.float32)
-    texts = ["a cat", "a photo of a dog on a beach at sunset with friends", "x"]
-    stop = threading.Event()
-
-    def count_forever() -> None:
-        while not stop.is_set():
-            encoder.count_tokens(["short", "a much longer text with many many words in it"])
-
-    counter = threading.Thread(target=count_forever)
-    counter.start()
-    failures = 0
-    try:
-        for _ in range(2000):
-            try:
-                encoder.tokenize(texts)
-            except Exception:  # noqa: BLE001 - any failure is what this test counts
-                failures += 1
-    finally:
-        stop.set()
-        counter.join()
-    assert failures > 0
+    backend = encoder.tokenizer._tokenizer
+    assert backend is not None
+    encoder.tokenize(["a cat"])
+    assert backend.padding is not None and backend.padding["length"] == encoder.text_length
+    encoder.count_tokens(["a cat"])
+    assert backend.padding is None
 
 
 def recording(method: Callable[..., Any], threads: list[str]) -> Callable[..., Any]:
