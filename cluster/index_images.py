@@ -49,7 +49,7 @@ class Summary:
     failed: int  # files that could not be embedded (listed in OUT_DIR/failures/)
     removed: int  # rows of the previous output that the new one no longer has (file deleted, or changed and failed)
     seconds: float
-    out: str
+    out: str  # OUT_DIR as an absolute path, or the URI
     # Where the time went, in seconds from the start (logged, and read by the benchmark; not in the JSON line).
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -133,7 +133,7 @@ def run(
     reached("compacted")
     removed = len(plan.indexed_paths) - int(pc.sum(pc.is_in(plan.indexed_paths, value_set=kept)).as_py() or 0)
     logger.info("phases (seconds from the start): %s", phases)
-    return Summary(embedded, plan.skipped, len(failures), removed, phases["compacted"], out, phases)
+    return Summary(embedded, plan.skipped, len(failures), removed, phases["compacted"], store.location, phases)
 
 
 def _embed(

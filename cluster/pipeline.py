@@ -107,7 +107,8 @@ class ImageEmbedder:
         ok = batch["error"] == ""
         vectors = np.zeros((len(ok), self.encoder.dimension), np.float32)
         if ok.any():
-            vectors[ok] = l2_normalize(self.encoder.embed_images(list(batch["pixels"][ok])))
+            pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]  # no copy in the usual case
+            vectors[ok] = l2_normalize(self.encoder.embed_images(list(pixels)))
         # The pixels stay behind: only paths, vectors and errors travel back to the driver.
         return {"path": batch["path"], "vector": vectors, "error": batch["error"]}
 

@@ -76,6 +76,7 @@ class OutputStore:
             self.fs, root = filesystem_from_uri(out)
         else:
             self.fs, root = pa_fs.LocalFileSystem(), str(Path(out).expanduser().resolve())
+        self.location = out if "://" in out else root  # for messages and the summary
         self.model = model
         self.version = version
         self.rows_per_part = rows_per_part
