@@ -6,13 +6,13 @@ OUT_DIR/failures/  failures.parquet: path, size, mtime, reason of the files the 
 
 The scheme:
 
-* vectors/ holds only files named ``part-RRRRRRRR-SSSSSS.parquet``: R is the run number (one more than the largest
-  found), S counts within the run, so names sort by age. Each is written under a dot-prefixed temporary name and
-  renamed, so a part is whole or absent; Parquet dataset readers (pyarrow, Ray, Spark, DuckDB) skip dot-prefixed
-  names, and a run deletes the ones a killed run left.
+* vectors/ holds only files named ``part-RRRRRRRR-SSSSSSSS.parquet``: R is the run number (one more than the
+  largest found), S counts within the run, so (R, S) orders the parts by age. Each is written under a dot-prefixed
+  temporary name and renamed, so a part is whole or absent; Parquet dataset readers (pyarrow, Ray, Spark, DuckDB)
+  skip dot-prefixed names, and a run deletes the ones a killed run left.
 * While a run embeds, every block of vectors that reaches the driver becomes a new part at once: a killed run loses
   only the blocks still in flight.
-* The state is read from all parts in name order, the last row for a path winning. A row counts while its path is
+* The state is read from all parts in (R, S) order, the last row for a path winning. A row counts while its path is
   in SOURCE with the same size and mtime, and was made by the same model and version.
 * At the end of a run the parts are compacted: a part whose rows all count stays as it is (unless it is small and
   other parts are rewritten too); the rows that count from every other part are written into new parts of this run
@@ -44,13 +44,19 @@ from embed_client.indexer import index_schema
 
 logger = logging.getLogger(__name__)
 
-_PART = re.compile(r"^part-(\d{8})-(\d{6})\.parquet$")
+_PART = re.compile(r"^part-(\d{8,})-(\d{8,})\.parquet$")
 # About 230 MB of 1152-d vectors per part: few files for a reader, and compaction holds at most one part's rows.
 ROWS_PER_PART = 50_000
 KEY_COLUMNS = ["path", "size", "mtime", "model", "version"]
 FAILURE_SCHEMA = pa.schema(
     [("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()), ("reason", pa.string())]
 )
+
+
+def _part_number(name: str) -> tuple[int, int]:
+    """(run, sequence) of a part's name: the order in which its rows were written."""
+    run, seq = name.removeprefix("part-").removesuffix(".parquet").split("-")
+    return int(run), int(seq)
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ class OutputStore:
             self.fs.create_dir(directory, recursive=True)
             self._remove_temporary_files(directory)
         self.parts = self._list_parts()
-        self.run = max((int(name.split("-")[1]) for name in self.parts), default=0) + 1
+        self.run = max((_part_number(name)[0] for name in self.parts), default=0) + 1
         self._next_seq = 1
 
     # -- files ----------------------------------------------------------------------------------------------------
@@ -100,7 +106,7 @@ class OutputStore:
                 self.fs.delete_file(info.path)
 
     def _list_parts(self) -> list[str]:
-        names = sorted(i.base_name for i in self._entries(self.vectors_dir) if not i.base_name.startswith("."))
+        names = [i.base_name for i in self._entries(self.vectors_dir) if not i.base_name.startswith(".")]
         foreign = [name for name in names if not _PART.match(name)]
         if foreign:
             # Never mix our rows with someone else's files, nor delete them during compaction.
@@ -108,7 +114,7 @@ class OutputStore:
                 f"{self.vectors_dir} holds files this tool did not write ({', '.join(foreign[:3])}); "
                 "choose another --out"
             )
-        return names
+        return sorted(names, key=_part_number)
 
     def _write(self, table: pa.Table, directory: str, name: str) -> None:
         """Whole or absent: write a dot-prefixed temporary file, flush it to disk where we can, rename."""
@@ -129,7 +135,7 @@ class OutputStore:
             raise
 
     def _new_part_name(self) -> str:
-        name = f"part-{self.run:08d}-{self._next_seq:06d}.parquet"
+        name = f"part-{self.run:08d}-{self._next_seq:08d}.parquet"
         self._next_seq += 1
         return name
 
