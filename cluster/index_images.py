@@ -11,8 +11,8 @@ the same path, size, mtime, model and version are skipped; ``--reindex`` embeds 
 
 Ray prints its own progress. The last line on stdout is one JSON object:
 ``{"embedded": N, "skipped": N, "failed": N, "removed": N, "seconds": S, "out": "OUT_DIR"}``.
-Exit codes: 0 done (even with failed files), 1 the job failed (what finished is kept: rerun to carry on), 2 bad
-arguments, 130 interrupted.
+Exit codes: 0 done (even with failed files), 1 the job failed (what finished is kept: rerun to carry on) or another
+run holds OUT_DIR, 2 bad arguments, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ import ray
 
 from cluster.pipeline import PoolOptions, embedding_dataset, read_image_spec
 from cluster.source import BadLocation, Source, SourceFile, list_images, open_source, unreadable
-from cluster.store import OutputStore
+from cluster.store import OutputStore, output_lock
 from common.loading import display_name
 from embed_client.__main__ import positive_int
+from embed_client.indexer import OutputLocked
 from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,33 +108,36 @@ def run(
         phases[phase] = round(time.monotonic() - started, 3)
 
     source = open_source(source_uri)
-    store = OutputStore(out, display_name(settings.model), EMBEDDING_VERSION)
-    files = list_images(source)
-    plan = store.plan(files, reindex)
-    failures = unreadable(source, plan.todo)
-    failed_now = {f.rel for f, _ in failures}
-    todo = [f for f in plan.todo if f.rel not in failed_now]
-    reached("listed")
-    logger.info("%d images under %s: %d to embed, %d already indexed", len(files), source_uri, len(todo), plan.skipped)
-    embedded = 0
-    if todo:
-        connect(address)
-        reached("ray ready")
-        if source.is_local_folder and len([node for node in ray.nodes() if node["Alive"]]) > 1:
-            logger.warning(
-                "SOURCE %s is a local folder and the cluster has several nodes: every node must see it at the same "
-                "path (a network file system), or the job fails; object storage (s3://...) needs no such care",
-                source_uri,
-            )
-        pool = pool_options(actors, gpus_per_actor, cpus_per_actor, batch_size)
-        embedded, more_failures = _embed(source, todo, settings, pool, store, reached)
-        failures += more_failures
-    store.write_failures(failures)
-    kept = store.compact(files)
-    reached("compacted")
-    removed = len(plan.indexed_paths) - int(pc.sum(pc.is_in(plan.indexed_paths, value_set=kept)).as_py() or 0)
-    logger.info("phases (seconds from the start): %s", phases)
-    return Summary(embedded, plan.skipped, len(failures), removed, phases["compacted"], store.location, phases)
+    with output_lock(out):
+        store = OutputStore(out, display_name(settings.model), EMBEDDING_VERSION)
+        files = list_images(source)
+        plan = store.plan(files, reindex)
+        failures = unreadable(source, plan.todo)
+        failed_now = {f.rel for f, _ in failures}
+        todo = [f for f in plan.todo if f.rel not in failed_now]
+        reached("listed")
+        logger.info(
+            "%d images under %s: %d to embed, %d already indexed", len(files), source_uri, len(todo), plan.skipped
+        )
+        embedded = 0
+        if todo:
+            connect(address)
+            reached("ray ready")
+            if source.is_local_folder and len([node for node in ray.nodes() if node["Alive"]]) > 1:
+                logger.warning(
+                    "SOURCE %s is a local folder and the cluster has several nodes: every node must see it at the same "
+                    "path (a network file system), or the job fails; object storage (s3://...) needs no such care",
+                    source_uri,
+                )
+            pool = pool_options(actors, gpus_per_actor, cpus_per_actor, batch_size)
+            embedded, more_failures = _embed(source, todo, settings, pool, store, reached)
+            failures += more_failures
+        store.write_failures(failures)
+        kept = store.compact(files)
+        reached("compacted")
+        removed = len(plan.indexed_paths) - int(pc.sum(pc.is_in(plan.indexed_paths, value_set=kept)).as_py() or 0)
+        logger.info("phases (seconds from the start): %s", phases)
+        return Summary(embedded, plan.skipped, len(failures), removed, phases["compacted"], store.location, phases)
 
 
 def _embed(
@@ -231,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadLocation as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except OutputLocked as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: finished blocks are kept; run the same command to carry on\n")
         return 130

@@ -21,7 +21,8 @@ The scheme:
 * failures.parquet is replaced at the end of every run by that run's failures. Failed files never enter vectors/,
   so every run tries them again (an object that failed to read may read next time).
 
-One run at a time per OUT_DIR: two runs writing the same OUT_DIR would delete each other's parts.
+One run at a time per OUT_DIR: two runs writing the same OUT_DIR would delete each other's parts. A local OUT_DIR
+is locked as the standalone indexer locks its output (``output_lock``); object storage has no such lock.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,7 @@ import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
 from cluster.source import BadLocation, SourceFile, filesystem_from_uri
-from embed_client.indexer import index_schema
+from embed_client.indexer import index_schema, locked_output
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,29 @@ def _part_number(name: str) -> tuple[int, int]:
     """(run, sequence) of a part's name: the order in which its rows were written."""
     run, seq = name.removeprefix("part-").removesuffix(".parquet").split("-")
     return int(run), int(seq)
+
+
+def local_path(out: str) -> Path | None:
+    """OUT_DIR as an absolute local path (a plain path or a file:// URI), or None for object storage."""
+    if "://" not in out:
+        return Path(out).expanduser().resolve()
+    filesystem, path = filesystem_from_uri(out)
+    return Path(path) if isinstance(filesystem, pa_fs.LocalFileSystem) else None
+
+
+@contextmanager
+def output_lock(out: str) -> Iterator[None]:
+    """Holds OUT_DIR for one run: a second run on the same local OUT_DIR raises ``OutputLocked`` before touching it
+    (the lock file ``OUT_DIR.lock`` is the standalone indexer's, so a killed run never blocks the next). Object
+    storage offers no lock: there, running one import at a time per OUT_DIR is up to the user."""
+    root = local_path(out)
+    if root is None:
+        logger.info("%s is object storage, which has no lock: run one import at a time into it", out)
+        yield
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with locked_output(root):
+        yield
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cluster.index_images import Summary, run
+from cluster.index_images import Summary, main, run
 from cluster.source import list_images, open_source
 from cluster.store import OutputStore
-from embed_client.indexer import index_schema
+from embed_client.indexer import index_schema, locked_output
 from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings, build_app
 from tests.helpers import image_bytes, photo_like, ready_client
 
@@ -246,6 +246,36 @@ def test_a_kill_during_compaction_loses_nothing(tmp_path: Path, monkeypatch: pyt
 
 def _raise_os_error(store: OutputStore, name: str) -> None:
     raise OSError(f"killed before deleting {name}")
+
+
+def test_parts_are_ordered_by_number_not_by_name(tmp_path: Path) -> None:
+    """The last row of a path wins in the order the parts were written, also past the width of the sequence number
+    (a name sort puts part ...-100000000 before ...-99999999)."""
+    make_folder(tmp_path / "photos")
+    photo = next(f for f in list_images(open_source(str(tmp_path / "photos"))) if f.rel not in FAILING)
+    store = OutputStore(str(tmp_path / "out"), "m", "v")
+    store._next_seq = 99_999_999
+    store.write_rows([photo], np.array([[1, 0, 0, 0]], np.float32))  # older
+    store.write_rows([photo], np.array([[0, 1, 0, 0]], np.float32))  # newer: sequence 100000000
+    again = OutputStore(str(tmp_path / "out"), "m", "v")
+    again.compact([photo])
+    assert read_vectors(tmp_path / "out")[photo.rel]["vector"] == [0, 1, 0, 0]
+
+
+def test_a_second_import_into_the_same_out_dir_is_refused(
+    tmp_path: Path, tiny_siglip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs on one OUT_DIR would delete each other's parts: the second stops at once, before Ray starts, and
+    says who holds the output. The lock goes with the run."""
+    make_folder(tmp_path / "photos")
+    out = tmp_path / "out"
+    with locked_output(out):
+        code = main([str(tmp_path / "photos"), "--out", str(out), "--model", str(tiny_siglip)])
+    assert code == 1
+    assert f"(pid {os.getpid()}) is writing {out}" in capsys.readouterr().err
+    assert not (out / "vectors").exists()  # nothing touched, not even a leftover temporary file removed
+    with locked_output(out):  # free again
+        pass
 
 
 def test_refuses_an_out_dir_with_foreign_files(tmp_path: Path) -> None:
