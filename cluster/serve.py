@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.api.app import Runtime
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel
+from common.loading import resolve_model_source
 from common.server import ServiceDefinition, configure_logging
 
 # Application name -> the module that defines its SERVICE (imported lazily: only the replicas need the model code).
@@ -53,7 +54,7 @@ NOT_USED_UNDER_SERVE = {
     "log_file": "each replica logs to Ray's log folder (/tmp/ray/session_latest/logs/serve/ and worker-*.err)",
 }
 
-# How often a starting replica looks at its model's loading state.
+# How often a starting replica looks at whether its model has loaded.
 READY_POLL_S = 0.05
 
 # Deployment options that differ from Serve's defaults, each overridable from the config file.
@@ -98,28 +99,11 @@ def settings_from_args(name: str, args: Mapping[str, Any]) -> ServiceSettings:
     return settings
 
 
-def _wait_for_the_model(app: FastAPI, runtime: Runtime) -> None:
-    """Make the app's lifespan start-up end only once the model is loaded (see the module docstring)."""
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(asgi_app: Any) -> AsyncIterator[Any]:
-        context: AbstractAsyncContextManager[Any] = inner(asgi_app)
-        async with context as state:
-            while runtime.status == "loading":
-                await asyncio.sleep(READY_POLL_S)
-            if runtime.status != "ok":
-                # Its cause is logged above by the app ("loading the model failed"); Serve starts another replica.
-                raise RuntimeError(f"the model did not load (status {runtime.status}); see the replica's log")
-            yield state
-
-    app.router.lifespan_context = lifespan
-
-
 class ProxyAddsRequestId:
     """Drops the app's ``X-Request-ID`` response header: Serve's proxy adds its own to every response, with the same
     value (the client's id, or one it made and passed on as the request's header, which the app then echoes), so
-    the client would see it twice (``abc, abc``)."""
+    the client would see it twice (``abc, abc``). An id the app refuses (over 128 characters) thus comes back as the
+    client sent it, while the app's log line has the id the app made instead."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -145,18 +129,53 @@ class EmbeddingReplica:
     ) -> None:
         self.definition = service_definition(name)
         self.settings = settings
-        self.load = load
+        self.load_override = load
         self.runtime: Runtime | None = None
+        self.load_error: Exception | None = None
         configure_logging(settings.log_level)  # to stderr, which Ray keeps in the replica's worker log
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve after ``__init__``; Serve then runs the app's lifespan (which loads the model)."""
-        load = self.load
-        app = self.definition.build_app(self.settings, load=None if load is None else lambda: load(self.settings))
+        app = self.definition.build_app(self.settings, load=self._load)
         self.runtime = app.state.runtime
-        _wait_for_the_model(app, app.state.runtime)
+        self._start_only_once_loaded(app, app.state.runtime)
         app.add_middleware(ProxyAddsRequestId)  # outermost: after the access log has added the header
         return app
+
+    def _load(self) -> EmbeddingModel:
+        """Runs in the app's loading thread. A hub id that is not in this node's cache is downloaded first, as the
+        standalone ``main`` does before serving (the hub's file locks keep two replicas of a node from racing)."""
+        try:
+            if self.load_override is not None:
+                return self.load_override(self.settings)
+            definition = self.definition
+            resolve_model_source(
+                self.settings.model,
+                download_help=definition.download_help,
+                download=True,
+                select_files=definition.select_files,
+            )
+            return definition.load(self.settings)
+        except Exception as exc:
+            self.load_error = exc  # for the start-up error, which Serve shows in `serve status`
+            raise
+
+    def _start_only_once_loaded(self, app: FastAPI, runtime: Runtime) -> None:
+        """Make the app's lifespan start-up end only once the model is loaded (see the module docstring)."""
+        inner = app.router.lifespan_context
+
+        @asynccontextmanager
+        async def lifespan(asgi_app: Any) -> AsyncIterator[Any]:
+            context: AbstractAsyncContextManager[Any] = inner(asgi_app)
+            async with context as state:
+                while runtime.status == "loading":
+                    await asyncio.sleep(READY_POLL_S)
+                if runtime.status != "ok":
+                    # The traceback is in the replica's log ("loading the model failed"); Serve starts another.
+                    raise RuntimeError(f"the model did not load: {self.load_error or runtime.status}")
+                yield state
+
+        app.router.lifespan_context = lifespan
 
     def check_health(self) -> None:
         """Serve calls this every ``health_check_period_s``; raising makes it replace the replica."""
