@@ -41,7 +41,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.api.app import Runtime
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel
-from common.loading import resolve_model_source
 from common.server import ServiceDefinition, configure_logging
 
 # Application name -> the module that defines its SERVICE (imported lazily: only the replicas need the model code).
@@ -148,14 +147,8 @@ class EmbeddingReplica:
         try:
             if self.load_override is not None:
                 return self.load_override(self.settings)
-            definition = self.definition
-            resolve_model_source(
-                self.settings.model,
-                download_help=definition.download_help,
-                download=True,
-                select_files=definition.select_files,
-            )
-            return definition.load(self.settings)
+            self.definition.download_model(self.settings)
+            return self.definition.load(self.settings)
         except Exception as exc:
             self.load_error = exc  # for the start-up error, which Serve shows in `serve status`
             raise

@@ -84,14 +84,19 @@ class ServiceDefinition(Generic[SettingsT]):
             routers=self.routers(),
         )
 
+    def download_model(self, settings: SettingsT) -> None:
+        """A hub id that is not in the local cache is downloaded (only the files the model needs) before loading;
+        ``ModelNotFound`` with the download help when that cannot be done."""
+        resolve_model_source(
+            settings.model, download_help=self.download_help, download=True, select_files=self.select_files
+        )
+
     def main(self, argv: list[str] | None = None) -> int:
         """Flags and environment -> a serving process; returns the exit code."""
         settings = load_settings(self.settings_cls, argv)
         configure_logging(settings.log_level, settings.log_file)
         try:
-            resolve_model_source(
-                settings.model, download_help=self.download_help, download=True, select_files=self.select_files
-            )
+            self.download_model(settings)
         except ModelNotFound as exc:
             logger.error("%s", exc)
             return 1

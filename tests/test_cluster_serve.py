@@ -126,10 +126,18 @@ def test_a_replica_starts_only_with_a_loaded_model(tiny_siglip: Path) -> None:
 
 
 @pytest.mark.usefixtures("quiet_replicas")
-def test_a_replica_whose_model_fails_to_load_fails_to_start(tmp_path: Path) -> None:
-    replica = EmbeddingReplica("siglip2", Siglip2Settings(model=str(tmp_path / "missing"), device="cpu"))
+@pytest.mark.parametrize("model", ["missing-folder", "example-org/not-in-the-cache"])
+def test_a_replica_whose_model_fails_to_load_fails_to_start_saying_why(
+    model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up error is what `serve status` shows: it carries the reason and the download help. A hub id goes
+    the way of the standalone main (download when not cached; here the hub is off)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    replica = EmbeddingReplica("siglip2", Siglip2Settings(model=model, device="cpu"))
     app = replica.__serve_build_asgi_app__()
-    with pytest.raises(RuntimeError, match="did not load"), TestClient(app):
+    expected = f"(?s)did not load: Model not found: '{model}'.*huggingface-cli download"
+    with pytest.raises(RuntimeError, match=expected), TestClient(app):
         pass
 
 
