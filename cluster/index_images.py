@@ -69,7 +69,8 @@ def connect(address: str | None) -> None:
     if not address:
         # "local": always a new Ray of this job's own, even if `ray start` left one running on this machine.
         started = time.monotonic()
-        ray.init(address="local")
+        # No dashboard: it would live only as long as this job, and its dozen processes slow the job's start.
+        ray.init(address="local", include_dashboard=False)
         logger.info("started a local Ray in %.1f s", time.monotonic() - started)
         return
     ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": [".git", "tests", "bench"]})
@@ -149,7 +150,10 @@ def _embed(
     reached: Callable[[str], None],
 ) -> tuple[int, list[tuple[SourceFile, str]]]:
     """Run the Ray Data pipeline; every block that arrives becomes a part at once. Returns (embedded, failures)."""
-    spec = ray.get(ray.remote(read_image_spec).remote(settings))
+    if Path(settings.model).expanduser().is_dir():
+        spec = read_image_spec(settings)  # the folder is here: no task (a fresh worker) needed
+    else:
+        spec = ray.get(ray.remote(read_image_spec).remote(settings))  # downloaded on a node, not on the driver
     reached("image spec read")
     by_location = {f.location: f for f in todo}
     seen: set[str] = set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,13 +19,15 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from cluster.index_images import Summary, main, run
+from cluster.pipeline import read_image_spec
 from cluster.source import list_images, open_source
 from cluster.store import OutputStore
 from embed_client.indexer import index_schema, locked_output
-from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings, build_app
+from siglip2_embed import EMBEDDING_VERSION, Siglip2Encoder, Siglip2Settings, build_app
 from tests.helpers import image_bytes, photo_like, ready_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,6 +249,27 @@ def test_a_kill_during_compaction_loses_nothing(tmp_path: Path, monkeypatch: pyt
 
 def _raise_os_error(store: OutputStore, name: str) -> None:
     raise OSError(f"killed before deleting {name}")
+
+
+@pytest.mark.parametrize("left_to_defaults", [(), ("resample",), ("size", "resample")])
+def test_the_decoders_spec_is_the_encoders(
+    left_to_defaults: tuple[str, ...], tiny_siglip: Path, tmp_path: Path
+) -> None:
+    """The job reads the preprocessor config as plain JSON (no transformers import at start-up); keys a config leaves
+    to the processor's defaults are read through transformers. Either way the spec is the one the encoder uses."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_siglip, model)
+    config_file = model / "preprocessor_config.json"
+    config = json.loads(config_file.read_text())
+    config["size"], config["resample"] = {"height": 48, "width": 40}, 3  # not the defaults: each key is read
+    for key in left_to_defaults:
+        del config[key]
+    config_file.write_text(json.dumps(config))
+    settings = Siglip2Settings(model=str(model))
+    encoder = Siglip2Encoder(str(model), torch.device("cpu"), torch.float32)
+    expected = encoder.image_spec(settings.max_image_pixels, settings.jpeg_draft, settings.max_decoded_pixels)
+    assert read_image_spec(settings) == expected
+    assert (expected.height, expected.width) == ((48, 40) if "size" not in left_to_defaults else (224, 224))
 
 
 def test_parts_are_ordered_by_number_not_by_name(tmp_path: Path) -> None:
