@@ -31,9 +31,10 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 import yaml
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from cluster.serve import EmbeddingReplica, application, settings_from_args
+from cluster.serve import EmbeddingReplica, HealthWaitsForEveryReplica, application, settings_from_args
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel
 from embed_client import EmbedClient
@@ -139,6 +140,52 @@ def test_a_replica_whose_model_fails_to_load_fails_to_start_saying_why(
     expected = f"(?s)did not load: Model not found: '{model}'.*huggingface-cli download"
     with pytest.raises(RuntimeError, match=expected), TestClient(app):
         pass
+
+
+class ScriptedDeployment:
+    """Stands in for Serve's controller, which runs only on a Ray cluster (the Ray tests below ask the real one)."""
+
+    def __init__(self, status: str, replicas: dict[str, int]) -> None:
+        self.answer: tuple[str, dict[str, int]] | Exception = (status, replicas)
+        self.asked = 0
+
+    def __call__(self) -> tuple[str, dict[str, int]]:
+        self.asked += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def _health_app(controller: ScriptedDeployment) -> TestClient:
+    app = FastAPI()
+    app.get("/health")(lambda: {"status": "ok"})
+    app.post("/embed/text")(lambda: {"dimension": 1})
+    return TestClient(HealthWaitsForEveryReplica(app, deployment_status=controller), root_path="/siglip2")
+
+
+def test_health_is_503_until_every_replica_is_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cluster.serve.DEPLOYMENT_STATUS_TTL_S", 0.0)
+    controller = ScriptedDeployment("UPDATING", {"RUNNING": 1, "STARTING": 1})
+    client = _health_app(controller)
+    response = client.get("/siglip2/health")
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert response.json() == {"status": "loading", "replicas": {"RUNNING": 1, "STARTING": 1}}
+    assert client.post("/siglip2/embed/text").status_code == 200  # the ready replica serves meanwhile
+    controller.answer = ("UNHEALTHY", {"RUNNING": 1, "STARTING": 1})
+    assert client.get("/siglip2/health").json()["status"] == "unhealthy"
+    for serving in ("HEALTHY", "UPSCALING", "DOWNSCALING"):  # autoscaling never takes it out of a load balancer
+        controller.answer = (serving, {"RUNNING": 2, "STARTING": 1})
+        assert client.get("/siglip2/health").json() == {"status": "ok"}, serving
+    controller.answer = RuntimeError("the controller is restarting")
+    assert client.get("/siglip2/health").status_code == 200  # the replica answers for itself
+
+
+def test_health_asks_the_controller_at_most_once_a_second() -> None:
+    controller = ScriptedDeployment("HEALTHY", {"RUNNING": 2})
+    client = _health_app(controller)
+    for _ in range(20):
+        assert client.get("/siglip2/health").status_code == 200
+    assert controller.asked == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -499,7 +546,10 @@ def test_no_request_reaches_a_replica_that_is_loading(
         held_health = requests.get(url + "/health", headers={"X-Request-Timeout-Seconds": "1"}, timeout=30)
         assert held_health.status_code == 408, held_health.text
         (gates / "1").touch()
-        assert requests.get(url + "/health", timeout=60).status_code == 200
+        # One replica is ready, the other loads: /health says so, while requests are served.
+        wait_for(lambda: requests.get(url + "/health", timeout=60).status_code == 503, 60, "the first replica")
+        health = requests.get(url + "/health", timeout=60)
+        assert health.json() == {"status": "loading", "replicas": {"RUNNING": 1, "STARTING": 1}}, health.text
         assert replica_states("held", "siglip2") == {"RUNNING": 1, "STARTING": 1}
         # Every request goes to the ready replica; the loading one would have answered 503 "not_ready".
         codes = collections.Counter(
@@ -510,6 +560,7 @@ def test_no_request_reaches_a_replica_that_is_loading(
         (gates / "2").touch()
         deploying.join(timeout=120)
         assert replica_states("held", "siglip2") == {"RUNNING": 2}
+        wait_for(lambda: requests.get(url + "/health", timeout=60).status_code == 200, 10, "every replica ready")
     finally:
         (gates / "1").touch()
         (gates / "2").touch()
