@@ -5,27 +5,32 @@
 
 Generates the photos once (smooth gradients plus noise, baseline JPEGs, quality 90, in two folders) under
 bench/out/, starts siglip2_embed.py (timed to /health 200) and a local Ray as the job does (``ray.init(address=
-"local")``, here with a 512 MB object store; timed, with what it costs while idle: processes, PSS, CPU), warms both
-up on 8 photos, then alternates ``--rounds`` runs of the standalone indexer (``index_folder``, 4 requests in flight,
-as ``python -m embed_client index``) and of the Ray job (``cluster.index_images.run``), each into a new output, and
-ends with a Ray rerun that has nothing to do. Prints the median times and their ratio (above 1: the Ray job is
-faster), with and without each side's start-up, the phases of the median Ray run, and checks that both outputs
-hold the same vectors. The job's log (the DEBUG level of ``cluster``) has Ray Data's per-operator statistics.
+"local", include_dashboard=False)``; timed, with what it costs while idle: processes, PSS, CPU), warms both up on 8
+photos, then alternates ``--rounds`` runs of the standalone indexer (``index_folder``, 4 requests in flight, as
+``python -m embed_client index``) and of the Ray job (``cluster.index_images.run``), each into a new output, and
+ends with a Ray rerun that has nothing to do. Then, with the service stopped, it times the command line once as a
+user runs it: a new process that starts its own Ray. Prints the median times and their ratio (above 1: the Ray job
+is faster), with and without each side's start-up, the phases of the median Ray run and of the command line, and
+checks that both outputs hold the same vectors. The job's log (the DEBUG level of ``cluster``) has Ray Data's per-operator statistics.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -154,25 +159,25 @@ def index_on_ray(folder: Path, out: Path, model: Path, args: argparse.Namespace)
 
 
 def start_ray() -> tuple[float, list[str]]:
-    """ray.init as the job does it (a new local Ray; here with a capped object store), and what Ray costs idle."""
+    """ray.init as the job does it (a new local Ray without a dashboard), and what Ray costs idle."""
     import ray
 
     before = set(descendants(os.getpid()))
-    init_s, _ = timed(lambda: ray.init(address="local", object_store_memory=512 * 1024 * 1024))
+    init_s, _ = timed(lambda: ray.init(address="local", include_dashboard=False))
     time.sleep(5)  # let the start-up settle before measuring the idle cost
     ray_pids = [pid for pid in descendants(os.getpid()) if pid not in before]
     cpu_before = cpu_seconds(ray_pids)
     time.sleep(10)
     idle_cores = (cpu_seconds(ray_pids) - cpu_before) / 10
     return init_s, [
-        f"ray.init (a new local Ray with its dashboard, as the job starts it): {init_s:.1f} s; then "
+        f"ray.init (a new local Ray, as the job starts it): {init_s:.1f} s; then "
         f"{len(ray_pids)} processes, PSS {pss_mib(ray_pids):.0f} MiB in all, {idle_cores:.2f} cores busy while idle"
     ]
 
 
 def warm_up_folder(photos: Path) -> Path:
-    """8 of the photos elsewhere: a first run of each side warms up what later runs share (the Ray worker that reads
-    the image spec keeps transformers loaded, the service its first batch shapes, the page cache the libraries)."""
+    """8 of the photos elsewhere: a first run of each side warms up what later runs share (Ray's worker processes,
+    the service its first batch shapes, the page cache the libraries)."""
     folder = OUT / "cluster-bench" / "warm-up"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -234,6 +239,7 @@ def main() -> None:
                 ray_peaks.append(ray_peak)
         rerun = index_on_ray_again(photos, bench_out / "ray-index", model)
         ray.shutdown()
+    cold_s, cold = command_line_run(photos, bench_out / "ray-index-cold", model, args)
 
     job_s = [job.seconds for job in jobs]
     median_standalone, median_job = float(np.median(standalone_s)), float(np.median(job_s))
@@ -260,6 +266,9 @@ def main() -> None:
         f"ratio, with start-up: {(service_start_s + median_standalone) / (init_s + median_job):.2f}x "
         f"(service start + indexer {service_start_s + median_standalone:.1f} s / ray.init + job "
         f"{init_s + median_job:.1f} s)",
+        f"the command line, cold (a new process and a new Ray, as a user runs it): {cold_s:.1f} s wall; the job's "
+        f"phases {cold['phases']}; against service start + indexer: "
+        f"{(service_start_s + median_standalone) / cold_s:.2f}x",
         f"same vectors: lowest cosine between the two outputs {lowest_cosine():.6f}",
     ]
     print("\n".join(lines))
@@ -272,6 +281,23 @@ def index_on_ray_again(photos: Path, out: Path, model: Path) -> Summary:
     summary = run(str(photos), str(out), Siglip2Settings(model=str(model)))
     assert summary.embedded == 0
     return summary
+
+
+def command_line_run(photos: Path, out: Path, model: Path, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
+    """``python -m cluster.index_images`` in a new process, as a user runs it (its own new Ray): wall seconds, and the
+    phases it logged."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [
+        *(sys.executable, "-m", "cluster.index_images", str(photos), "--out", str(out), "--model", str(model)),
+        *("--device", args.device, "--batch-size", str(args.batch_size)),
+        *("--cpus-per-actor", str(args.cpus_per_actor)),
+    ]
+    seconds, result = timed(lambda: subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True))
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["embedded"] == args.photos, summary
+    logged = [line for line in result.stderr.splitlines() if "phases (seconds from the start)" in line]
+    phases = ast.literal_eval(logged[-1].split(": ", 2)[-1]) if logged else {}
+    return seconds, {"phases": phases, **summary}
 
 
 def lowest_cosine() -> float:
