@@ -11,7 +11,8 @@ photos, then alternates ``--rounds`` runs of the standalone indexer (``index_fol
 ends with a Ray rerun that has nothing to do. Then, with the service stopped, it times the command line once as a
 user runs it: a new process that starts its own Ray. Prints the median times and their ratio (above 1: the Ray job
 is faster), with and without each side's start-up, the phases of the median Ray run and of the command line, and
-checks that both outputs hold the same vectors. The job's log (the DEBUG level of ``cluster``) has Ray Data's per-operator statistics.
+checks that both outputs hold the same vectors. The job's log (the DEBUG level of ``cluster``) has Ray Data's
+per-operator statistics.
 """
 
 from __future__ import annotations

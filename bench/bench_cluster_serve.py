@@ -1,6 +1,6 @@
 """The standalone services against the same services on Ray Serve (cluster/serve.py), in one run on one machine.
 
-    python -m bench.bench_cluster_serve [--rounds 3] [--photos DIR] [--clients 16] [--image-requests 240]
+    python -m bench.bench_cluster_serve [--rounds 3] --photos DIR [--clients 16] [--image-requests 240]
 
 Three configurations run side by side for the whole run, each service measured alone in turn:
 
@@ -225,7 +225,12 @@ def summary_line(name: str, results: list[LoadResult], unit: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "photos")
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        required=True,
+        help="a folder of real JPEG photos (the figures in bench/RESULTS.md: eight 1920 px camera photos)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--image-requests", type=int, default=240)

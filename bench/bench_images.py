@@ -1,6 +1,6 @@
 """Image service throughput against the naive baseline, measured in the same run.
 
-    python -m bench.bench_images [--model tiny-512|so400m|PATH] [--photos DIR] [--clients 16] [--requests 160]
+    python -m bench.bench_images [--model tiny-512|so400m|PATH] --photos DIR [--clients 16] [--requests 160]
 
 Prints, for 12 MP baseline JPEGs made from the photos (4000 x 3000, as phones write them) and for the photos as
 they are: images/s and p50/p95/p99 latency of the naive server (one request -> reference processor -> one forward)
@@ -85,7 +85,12 @@ def throughput(model_path: Path, files: list[Path], label: str, args: argparse.N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, tiny="tiny-512", full_size="so400m")
-    parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "photos")
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        required=True,
+        help="a folder of real JPEG photos (the figures in bench/RESULTS.md: eight 1920 px camera photos)",
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--skip-1920", action="store_true", help="only the 12 MP set")
