@@ -159,7 +159,7 @@ class HealthWaitsForEveryReplica:
     def __init__(self, app: ASGIApp, deployment_status: Callable[[], DeploymentStatus] = own_deployment_status) -> None:
         self.app = app
         self.deployment_status = deployment_status
-        self._known: tuple[float, DeploymentStatus] | None = None
+        self._known: tuple[float, DeploymentStatus | None] | None = None  # when asked, and the answer
         self._asking = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -172,13 +172,15 @@ class HealthWaitsForEveryReplica:
         await self.app(scope, receive, send)
 
     async def _status(self) -> DeploymentStatus | None:
+        """The deployment's status, or None when the controller could not say (asked at most once per TTL)."""
         async with self._asking:
             if self._known is None or time.monotonic() - self._known[0] > DEPLOYMENT_STATUS_TTL_S:
+                status: DeploymentStatus | None = None
                 try:
-                    self._known = (time.monotonic(), await asyncio.to_thread(self.deployment_status))
-                except Exception:
-                    logger.warning("could not ask Serve's controller for the deployment's status", exc_info=True)
-                    return None
+                    status = await asyncio.to_thread(self.deployment_status)
+                except Exception as exc:  # noqa: BLE001 - whatever the reason, the replica answers for itself
+                    logger.warning("could not ask Serve's controller for the deployment's status: %r", exc)
+                self._known = (time.monotonic(), status)
             return self._known[1]
 
 

@@ -180,8 +180,10 @@ def test_health_is_503_until_every_replica_is_ready(monkeypatch: pytest.MonkeyPa
     assert client.get("/siglip2/health").status_code == 200  # the replica answers for itself
 
 
-def test_health_asks_the_controller_at_most_once_a_second() -> None:
-    controller = ScriptedDeployment("HEALTHY", {"RUNNING": 2})
+@pytest.mark.parametrize("answer", [("HEALTHY", {"RUNNING": 2}), RuntimeError("no controller")])
+def test_health_asks_the_controller_at_most_once_a_second(answer: Any) -> None:
+    controller = ScriptedDeployment("HEALTHY", {})
+    controller.answer = answer
     client = _health_app(controller)
     for _ in range(20):
         assert client.get("/siglip2/health").status_code == 200
