@@ -290,7 +290,7 @@ def test_a_second_import_into_the_same_out_dir_is_refused(
     tmp_path: Path, tiny_siglip: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two runs on one OUT_DIR would delete each other's parts: the second stops at once, before Ray starts, and
-    says who holds the output. The lock goes with the run."""
+    says who holds the output."""
     make_folder(tmp_path / "photos")
     out = tmp_path / "out"
     with locked_output(out):
@@ -298,7 +298,7 @@ def test_a_second_import_into_the_same_out_dir_is_refused(
     assert code == 1
     assert f"(pid {os.getpid()}) is writing {out}" in capsys.readouterr().err
     assert not (out / "vectors").exists()  # nothing touched, not even a leftover temporary file removed
-    with locked_output(out):  # free again
+    with locked_output(out):  # the refused run took nothing with it: the output can be locked again
         pass
 
 
