@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random-weight models built once per session, one torch thread for modules that hammer a
 tiny model from many client threads, the logging set-up put back after every test, and ``scripts``: the shell
 scripts run with a test's own ports and log directory, every service they started stopped afterwards. Helpers
-that are not fixtures are in tests/helpers.py."""
+that are not fixtures are in tests/helpers.py. ``image_client`` / ``text_client``: each service on its tiny model with
+default settings, ready, once per module (a module that needs other settings defines its own)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from transformers.utils import logging as transformers_logging
 
-from tests.helpers import SERVICES, Scripts, free_port, service_pids
+from qwen3_embed import Qwen3Settings
+from qwen3_embed import build_app as build_text_app
+from siglip2_embed import Siglip2Settings
+from siglip2_embed import build_app as build_image_app
+from tests.helpers import SERVICES, Scripts, free_port, ready_client, service_pids
 from tests.tiny_models import build_tiny_qwen3, build_tiny_siglip, build_tiny_zimage
 
 
@@ -33,6 +39,16 @@ def tiny_zimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen3(tmp_path_factory.mktemp("models") / "Qwen3-Embedding-tiny")
+
+
+@pytest.fixture(scope="module")
+def image_client(tiny_siglip: Path) -> Iterator[TestClient]:
+    yield from ready_client(build_image_app(Siglip2Settings(model=str(tiny_siglip))))
+
+
+@pytest.fixture(scope="module")
+def text_client(tiny_zimage: Path) -> Iterator[TestClient]:
+    yield from ready_client(build_text_app(Qwen3Settings(model=str(tiny_zimage))))
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from qwen3_embed import Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
-from tests.helpers import assert_error, ready_client, wait_ready
+from tests.helpers import assert_error, wait_ready
 from tests.live_server import (
     connect,
     error_code,
@@ -154,16 +154,6 @@ def test_a_body_that_trickles_in_gets_408(tiny_zimage: Path) -> None:
 
 
 # --- oversized lists: refused before validation -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def text_client(tiny_zimage: Path) -> Iterator[TestClient]:
-    yield from ready_client(build_text_app(Qwen3Settings(model=str(tiny_zimage))))
-
-
-@pytest.fixture(scope="module")
-def image_client(tiny_siglip: Path) -> Iterator[TestClient]:
-    yield from ready_client(build_image_app(Siglip2Settings(model=str(tiny_siglip))))
 
 
 MILLION = [1] * 1_000_000

@@ -10,7 +10,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,6 @@ from tests.helpers import assert_error, image_bytes, photo_like, ready_client
 ROOT = Path(__file__).resolve().parents[1]
 JPEG = image_bytes(photo_like(64, 48, seed=3), "JPEG")
 PNG = image_bytes(photo_like(40, 30, seed=4), "PNG")
-
-
-@pytest.fixture(scope="module")
-def image_client(tiny_siglip: Path) -> Iterator[TestClient]:
-    yield from ready_client(build_image_app(Siglip2Settings(model=str(tiny_siglip))))
-
-
-@pytest.fixture(scope="module")
-def text_client(tiny_zimage: Path) -> Iterator[TestClient]:
-    yield from ready_client(build_text_app(Qwen3Settings(model=str(tiny_zimage))))
 
 
 @pytest.fixture(params=["image", "text"])
