@@ -2,11 +2,11 @@
 
 OUT_DIR                  a Parquet dataset of the vectors and nothing else, with the standalone indexer's columns
                          (path, size, mtime, model, version, vector as a fixed-size float32 list, path_bytes):
-                         ``pyarrow.dataset.dataset(OUT_DIR)``, ``pq.read_table(OUT_DIR)``, ``pandas.read_parquet``
-                         and DuckDB's ``read_parquet('OUT_DIR/**')`` all read exactly the vectors
+                         ``pyarrow.dataset.dataset(OUT_DIR)``, ``pq.read_table(OUT_DIR)`` and ``pandas.read_parquet``
+                         read exactly the vectors
 OUT_DIR.failures.parquet path, path_bytes, size, mtime, reason of what the last run could not embed: beside OUT_DIR,
-                         not in it, because a reader of OUT_DIR must see one schema (DuckDB's glob does not skip
-                         ``_`` or ``.`` names as pyarrow's discovery does)
+                         not in it, because every reader of OUT_DIR must see one schema (a glob such as DuckDB's
+                         ``read_parquet('OUT_DIR/*.parquet')`` does not skip ``_`` names as pyarrow's discovery does)
 OUT_DIR.lock             the lock of the run writing OUT_DIR (local OUT_DIRs only)
 
 An OUT_DIR of the older layout (``OUT_DIR/vectors/`` and ``OUT_DIR/failures/``) is carried on: its parts are moved
