@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +65,7 @@ ROWS_PER_PART = 50_000
 KEY_COLUMNS = ["path", "path_bytes", "size", "mtime", "model", "version"]
 FAILURE_SCHEMA = pa.schema(
     [
-        ("path", pa.string()),  # as the indexer shows it: bytes that are not UTF-8 as \\xNN
+        ("path", pa.string()),  # as the indexer shows it: bytes that are not UTF-8 as \xNN
         ("path_bytes", pa.binary()),  # the name's exact bytes where it is not UTF-8 (and known)
         ("size", pa.int64()),  # null for what was listed but never looked at as a file (a link, a folder)
         ("mtime", pa.float64()),
@@ -161,7 +161,7 @@ class OutputStore:
         self.model = model
         self.version = version
         self.rows_per_part = rows_per_part
-        self.vectors_dir = root
+        self.root = root  # OUT_DIR: the parts of the vectors, nothing else
         self.failures_file = f"{root}.failures.parquet"
         self.failures_location = f"{out.rstrip('/')}.failures.parquet" if local is None else self.failures_file
         self.fs.create_dir(root, recursive=True)
@@ -188,18 +188,24 @@ class OutputStore:
         """Never mix our rows with someone else's files, nor delete them during compaction: OUT_DIR (and the older
         layout's vectors folder) may hold only parts, dot-named files and the older layout's two folders."""
 
-        def foreign(folder: str, allowed_folders: tuple[str, ...]) -> list[str]:
+        def foreign(folder: str, allowed: Callable[[pa_fs.FileInfo], bool]) -> list[str]:
             return [
                 info.path[len(root) + 1 :]
                 for info in self.fs.get_file_info(pa_fs.FileSelector(folder))
-                if not info.base_name.startswith(".")
-                and not (info.type == pa_fs.FileType.File and _PART.match(info.base_name))
-                and not (info.type == pa_fs.FileType.Directory and info.base_name in allowed_folders)
+                if not info.base_name.startswith(".") and not allowed(info)
             ]
 
-        found = foreign(root, (LEGACY_VECTORS, LEGACY_FAILURES))
+        def is_part(info: pa_fs.FileInfo) -> bool:
+            return info.type == pa_fs.FileType.File and _PART.match(info.base_name) is not None
+
+        def is_legacy_folder(info: pa_fs.FileInfo) -> bool:
+            return info.type == pa_fs.FileType.Directory and info.base_name in (LEGACY_VECTORS, LEGACY_FAILURES)
+
+        found = foreign(root, lambda info: is_part(info) or is_legacy_folder(info))
         if self.fs.get_file_info(f"{root}/{LEGACY_VECTORS}").type == pa_fs.FileType.Directory:
-            found += foreign(f"{root}/{LEGACY_VECTORS}", ())
+            found += foreign(f"{root}/{LEGACY_VECTORS}", is_part)
+        if self.fs.get_file_info(f"{root}/{LEGACY_FAILURES}").type == pa_fs.FileType.Directory:
+            found += foreign(f"{root}/{LEGACY_FAILURES}", lambda info: info.base_name == "failures.parquet")
         if found:
             raise BadLocation(
                 f"{root} holds files this tool did not write ({', '.join(found[:3])}); choose another --out"
@@ -221,7 +227,7 @@ class OutputStore:
             self.fs.delete_dir(f"{root}/{LEGACY_FAILURES}")
 
     def _list_parts(self) -> list[str]:
-        names = [i.base_name for i in self._entries(self.vectors_dir) if _PART.match(i.base_name)]
+        names = [i.base_name for i in self._entries(self.root) if _PART.match(i.base_name)]
         return sorted(names, key=_part_number)
 
     def _write(self, table: pa.Table, path: str) -> None:
@@ -254,7 +260,7 @@ class OutputStore:
         tables = []
         for index, name in enumerate(self.parts):
             try:
-                keys = pq.read_table(f"{self.vectors_dir}/{name}", columns=KEY_COLUMNS, filesystem=self.fs)
+                keys = pq.read_table(f"{self.root}/{name}", columns=KEY_COLUMNS, filesystem=self.fs)
             except (pa.ArrowException, OSError) as exc:
                 # Cannot happen to a renamed part short of disk damage; its images are embedded again, and the
                 # compaction deletes it (none of its rows count).
@@ -317,7 +323,7 @@ class OutputStore:
             schema=index_schema(vectors.shape[1]),
         )
         name = self._new_part_name()
-        self._write(table, f"{self.vectors_dir}/{name}")
+        self._write(table, f"{self.root}/{name}")
         self.parts.append(name)
 
     def write_failures(
@@ -365,7 +371,7 @@ class OutputStore:
         for index in indexes:
             rows = np.sort(counting_orders[part_of == index] & 0xFFFFFFFF)
             if len(rows):
-                table = pq.read_table(f"{self.vectors_dir}/{self.parts[index]}", filesystem=self.fs)
+                table = pq.read_table(f"{self.root}/{self.parts[index]}", filesystem=self.fs)
                 buffer.append(table.take(pa.array(rows, pa.int64())))
                 buffered += len(rows)
             while buffered >= self.rows_per_part:
@@ -381,9 +387,9 @@ class OutputStore:
         self.parts = [name for name in self.parts if name not in replaced] + new_parts
 
     def _delete_part(self, name: str) -> None:
-        self.fs.delete_file(f"{self.vectors_dir}/{name}")
+        self.fs.delete_file(f"{self.root}/{name}")
 
     def _flush(self, table: pa.Table) -> str:
         name = self._new_part_name()
-        self._write(table, f"{self.vectors_dir}/{name}")
+        self._write(table, f"{self.root}/{name}")
         return name

@@ -7,6 +7,7 @@ at the end; the tiny random-weight SigLIP stands in for the real model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -114,9 +115,17 @@ def service_vectors(settings: Siglip2Settings, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def first_run(ray_cluster: str, settings: Siglip2Settings, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The folder imported as object storage is (pyarrow's listing, Ray's reader), with the local file system
+    standing in for s3://: every other run here reads local folders with the indexer's walker and reader, and the
+    command-line test checks that both give the same output."""
+    import cluster.index_images
+
     root, out = tmp_path_factory.mktemp("photos"), tmp_path_factory.mktemp("index")
     files = make_folder(root)
-    return root, out, files, run(str(root), str(out), settings, batch_size=3)
+    as_object_storage = dataclasses.replace(open_source(str(root)), is_local_folder=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cluster.index_images, "open_source", lambda uri: as_object_storage)
+        return root, out, files, run(str(root), str(out), settings, batch_size=3)
 
 
 @pytest.mark.slow
@@ -215,7 +224,10 @@ def test_command_line_on_a_running_cluster(ray_cluster: str, tiny_siglip: Path, 
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(last) == {"embedded", "skipped", "failed", "removed", "seconds", "out", "failures"}
     assert (last["embedded"], last["skipped"], last["failed"], last["removed"]) == (6, 0, 2, 0)
-    assert read_vectors(tmp_path / "index").keys() == read_vectors(first_run[1]).keys()
+    # A local folder read by the indexer's reader gives what Ray's reader gave (first_run): the same vectors.
+    local, through_ray_reader = read_vectors(tmp_path / "index"), read_vectors(first_run[1])
+    assert local.keys() == through_ray_reader.keys()
+    assert all(cosine(local[p]["vector"], through_ray_reader[p]["vector"]) >= 0.9999 for p in local)
 
 
 @pytest.mark.slow
@@ -493,7 +505,7 @@ def test_rows_under_a_folder_that_cannot_be_listed_are_kept(tmp_path: Path) -> N
     assert sorted(read_vectors(tmp_path / "out")) == sorted(f.rel for f in listed)
 
 
-@pytest.mark.parametrize("foreign", ["data.parquet", "vectors/data.parquet", "_SUCCESS"])
+@pytest.mark.parametrize("foreign", ["data.parquet", "vectors/data.parquet", "failures/notes.txt", "_SUCCESS"])
 def test_refuses_an_out_dir_with_foreign_files(foreign: str, tmp_path: Path) -> None:
     """OUT_DIR is the dataset: anything in it that this tool did not write (also in the older layout's vectors/)
     would be read with the vectors, or deleted by the compaction."""
