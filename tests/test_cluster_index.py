@@ -32,6 +32,7 @@ from cluster.store import OutputStore, output_lock
 from embed_client.files import stored_path, too_large_reason
 from embed_client.indexer import OutputLocked, index_schema, locked_output
 from siglip2_embed import EMBEDDING_VERSION, Siglip2Encoder, Siglip2Settings, build_app
+from tests.doc_examples import claimed_command
 from tests.helpers import image_bytes, photo_like, ready_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,10 +216,12 @@ def counts(summary: Summary) -> tuple[int, int, int, int]:
 @pytest.mark.slow
 def test_command_line_on_a_running_cluster(ray_cluster: str, tiny_siglip: Path, first_run: Any, tmp_path: Path) -> None:
     root = first_run[0]
-    command = [
-        sys.executable, "-m", "cluster.index_images", str(root), "--out", str(tmp_path / "index"),
-        "--model", str(tiny_siglip), "--address", ray_cluster, "--batch-size", "4",
-    ]  # fmt: skip
+    # The command of docs/ray.md, on the test's folders, model and Ray.
+    command = claimed_command(
+        "tests/test_cluster_index.py::test_command_line_on_a_running_cluster",
+        {"~/Pictures": str(root), "vectors/": str(tmp_path / "index")},
+        ["--model", str(tiny_siglip), "--address", ray_cluster, "--batch-size", "4"],
+    )
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
     last = json.loads(result.stdout.strip().splitlines()[-1])

@@ -42,6 +42,7 @@ from qwen3_embed import Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Service, Siglip2Settings, load
 from siglip2_embed import build_app as build_image_app
+from tests.doc_examples import claimed_command
 from tests.helpers import image_bytes, photo_like, ready_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,10 +279,14 @@ def cluster(tiny_siglip: Path, tiny_zimage: Path, tmp_path_factory: pytest.TempP
             log_to_driver=False,
         )
     try:
-        serve_cli = Path(sys.executable).parent / "serve"
         address = ray.get_runtime_context().gcs_address
-        command = [str(serve_cli), "run", "--non-blocking", "--address", address, "--app-dir", str(ROOT)]
-        subprocess.run([*command, str(config_path)], cwd=ROOT, check=True, timeout=180, capture_output=True)
+        # The command of docs/ray.md, with the test's config (from that file), on the test's Ray.
+        command = claimed_command(
+            "tests/test_cluster_serve.py::cluster",
+            {str(CONFIG.relative_to(ROOT)): str(config_path)},
+            ["--non-blocking", "--address", address, "--app-dir", str(ROOT)],
+        )
+        subprocess.run(command, cwd=ROOT, check=True, timeout=180, capture_output=True)
         wait_for(
             lambda: all(replica_states(app).get("RUNNING", 0) == 2 for app in ("siglip2", "qwen3")),
             timeout=180,
