@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -162,7 +162,7 @@ def test_the_out_of_memory_error_holds_nothing_of_the_failed_pass(
         "common.service.empty_device_cache",
         lambda device: alive_when_emptied.append(sum(ref() is not None for ref in activations)),
     )
-    guarded = service._guarded(service.text_encoder.embed_texts)
+    guarded: Callable[[list[str]], Any] = service._guarded(service.text_encoder.embed_texts)
     try:
         with pytest.raises(Exception) as caught:
             guarded(texts)
