@@ -23,7 +23,14 @@ from common.config import ImageLimits, ServiceSettings, default_model
 from common.contract import EncodedImage
 from common.decoding import DecodePool
 from common.images import ImageSpec
-from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
+from common.loading import (
+    describe_device,
+    display_name,
+    explain_broken_weights,
+    locate_model,
+    read_checkpoint_floats,
+    read_config,
+)
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
 
@@ -69,8 +76,11 @@ class Siglip2Encoder:
             self.model.vision_model.compile()
             self.model.text_model.compile()
         self.dimension: int = config.vision_config.hidden_size
-        self.logit_scale = float(self.model.logit_scale.float().item())
-        self.logit_bias = float(self.model.logit_bias.float().item())
+        # The pair-probability scalars in float32, as the checkpoint has them: cast to bfloat16 with the model, the
+        # logit scale 4.7 would become 4.6875 (exp 1.2 % low) and every /similarity probability would be off.
+        stored = read_checkpoint_floats(source, ["logit_scale", "logit_bias"])
+        self.logit_scale = stored.get("logit_scale", float(self.model.logit_scale.float().item()))
+        self.logit_bias = stored.get("logit_bias", float(self.model.logit_bias.float().item()))
 
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         # Right padding: the text tower pools the last position and was trained on right-padded text
