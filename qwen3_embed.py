@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.config import ServiceSettings, default_model
 from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
@@ -74,6 +74,17 @@ class Qwen3Settings(ServiceSettings):
     max_batch_tokens: int = Field(
         16384, ge=1, description="padded tokens per forward pass; a batch of long texts is split to stay under it"
     )
+
+    @field_validator("dtype")
+    @classmethod
+    def _not_float16(cls, dtype: str) -> str:
+        if dtype == "float16":
+            # Qwen3's activations exceed float16's range (65504) in a few channels: the vectors come out NaN.
+            raise ValueError(
+                "float16 overflows in Qwen3's activations (the vectors come out NaN); use bfloat16 (the default on "
+                "CUDA) or float32"
+            )
+        return dtype
 
     def recipe(self) -> Qwen3Recipe:
         return Qwen3Recipe(**{f.name: getattr(self, f.name) for f in fields(Qwen3Recipe)})

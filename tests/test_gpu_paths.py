@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from safetensors import safe_open
 
+from qwen3_embed import Qwen3Settings
+from qwen3_embed import main as qwen3_main
 from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
 from tests.helpers import image_bytes, photo_like, ready_client
@@ -39,3 +42,14 @@ def test_pair_probabilities_of_a_bfloat16_model_use_the_checkpoints_float32_scal
     np.testing.assert_allclose(body["similarities"], expected, atol=1e-5, rtol=0)
     info = client.get("/info").json()
     assert (info["logit_scale"], info["logit_bias"]) == (scale, bias)
+
+
+def test_float16_is_refused_for_qwen3_with_a_message(tiny_zimage: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """float16 overflows in Qwen3's activations (NaN vectors): the service does not start with it."""
+    with pytest.raises(ValidationError, match="float16 overflows"):
+        Qwen3Settings(model=str(tiny_zimage), dtype="float16")
+    with pytest.raises(SystemExit) as exited:
+        qwen3_main(["--model", str(tiny_zimage), "--dtype", "float16"])
+    assert exited.value.code == 2
+    assert "float16 overflows" in capsys.readouterr().err
+    assert Qwen3Settings(model=str(tiny_zimage), dtype="bfloat16").dtype == "bfloat16"
