@@ -105,7 +105,9 @@ class Siglip2Encoder:
     @torch.inference_mode()
     def embed_images(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 H x W x 3 arrays at the input size -> raw (unnormalised) image vectors, float32."""
-        batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
+        # A plain (synchronous) copy: non_blocking from pageable memory gains nothing on CUDA (it is synchronous
+        # there anyway), and on MPS the copy may run after the np.stack temporary is freed (wrong pixels, silently).
+        batch = torch.from_numpy(np.stack(pixels)).to(self.device)
         # Rescale and normalise on the device, in float32 as the reference processor does, then cast.
         values = batch.permute(0, 3, 1, 2).float() * self.rescale_factor
         values = ((values - self._mean) / self._std).to(self.dtype)

@@ -6,18 +6,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
-from qwen3_embed import Qwen3Settings
+from qwen3_embed import Qwen3Encoder, Qwen3Settings
 from qwen3_embed import main as qwen3_main
-from siglip2_embed import Siglip2Settings
+from siglip2_embed import Siglip2Encoder, Siglip2Settings
 from siglip2_embed import build_app as build_image_app
-from tests.helpers import image_bytes, photo_like, ready_client
+from tests.helpers import CPU, image_bytes, photo_like, ready_client
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +56,31 @@ def test_float16_is_refused_for_qwen3_with_a_message(tiny_zimage: Path, capsys: 
     assert exited.value.code == 2
     assert "float16 overflows" in capsys.readouterr().err
     assert Qwen3Settings(model=str(tiny_zimage), dtype="bfloat16").dtype == "bfloat16"
+
+
+class AsyncCopiesFromPageableMemory(TorchFunctionMode):
+    """Records every ``Tensor.to(..., non_blocking=True)`` whose source is CPU memory that is not pinned: on CUDA
+    such a copy is synchronous anyway, and on MPS it can read the memory after it has been freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unsafe: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        source: Any = args[0] if args else None
+        asynchronous = func is torch.Tensor.to and bool(kwargs.get("non_blocking"))
+        if asynchronous and source.device.type == "cpu" and not source.is_pinned():
+            self.unsafe.append(tuple(source.shape))
+        return func(*args, **kwargs)
+
+
+def test_no_asynchronous_copy_reads_pageable_memory(tiny_siglip: Path, tiny_zimage: Path) -> None:
+    image_encoder = Siglip2Encoder(str(tiny_siglip), CPU, torch.float32)
+    text_encoder = Qwen3Encoder(str(tiny_zimage), CPU, torch.float32)
+    pixels = [np.full((image_encoder.input_height, image_encoder.input_width, 3), value, np.uint8) for value in (0, 9)]
+    with AsyncCopiesFromPageableMemory() as copies:
+        image_encoder.embed_images(pixels)
+        image_encoder.embed_texts(["a cat", "the sea"])
+        text_encoder.embed_texts(["a cat", "the sea"])
+    assert copies.unsafe == []
