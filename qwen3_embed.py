@@ -112,6 +112,7 @@ class Qwen3Encoder:
         *,
         max_batch_tokens: int = 16384,
         compile_model: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -145,13 +146,21 @@ class Qwen3Encoder:
             model.norm = torch.nn.Identity()
         self.model = model.to(device).eval()
         if compile_model:
-            self.model.compile(dynamic=True)  # batch size and padded length change from batch to batch
+            # Batch size and padded length change from batch to batch; a batch of 1 still gets a graph of its own
+            # (sizes 0 and 1 are always specialised), so warm_up runs a padded batch of 2 as well.
+            self.model.compile(dynamic=True, backend=compile_backend)
         self.dimension: int = config.hidden_size
         self.tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_dir)
         # Right padding keeps every real token at the same position as when the text is alone.
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def warm_up(self) -> None:
+        """A batch of 1 and a padded batch of 2: a compiled model compiles both graphs it needs now, at start-up,
+        not on the first multi-item batch of a live request."""
+        self.embed_texts(["warm-up"])
+        self.embed_texts(["warm-up", "a longer warm-up text, so that the batch is padded"])
 
     def format(self, text: str) -> str:
         if self.recipe.template == "none":
@@ -261,7 +270,7 @@ def load(settings: Qwen3Settings) -> Qwen3Service:
             max_batch_tokens=settings.max_batch_tokens,
             compile_model=settings.compile,
         )
-    encoder.embed_texts(["warm-up"])
+    encoder.warm_up()
     return Qwen3Service(settings, encoder, describe_device(device))
 
 

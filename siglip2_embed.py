@@ -57,7 +57,15 @@ class Siglip2Settings(ImageLimits, ServiceSettings):
 class Siglip2Encoder:
     """A SigLIP checkpoint (``model_type "siglip"``) with pure batch methods; no HTTP, no asyncio."""
 
-    def __init__(self, source: str, device: torch.device, dtype: torch.dtype, compile_model: bool = False) -> None:
+    def __init__(
+        self,
+        source: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        compile_model: bool = False,
+        *,
+        compile_backend: str = "inductor",
+    ) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
         config = read_config(
@@ -72,9 +80,10 @@ class Siglip2Encoder:
         self.model = SiglipModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
         self.model = self.model.to(device).eval()  # type: ignore[arg-type]
         if compile_model:
-            # Image batches have one shape per batch size; text is always padded to text_length.
-            self.model.vision_model.compile()
-            self.model.text_model.compile()
+            # Only the batch size varies (images are at the input size, text is padded to text_length). torch.compile
+            # specialises its first graph on it; the second batch size it sees makes it dynamic: warm_up runs both.
+            self.model.vision_model.compile(backend=compile_backend)
+            self.model.text_model.compile(backend=compile_backend)
         self.dimension: int = config.vision_config.hidden_size
         # The pair-probability scalars in float32, as the checkpoint has them: cast to bfloat16 with the model, the
         # logit scale 4.7 would become 4.6875 (exp 1.2 % low) and every /similarity probability would be off.
@@ -98,6 +107,15 @@ class Siglip2Encoder:
         std = processor.image_std if processor.do_normalize else [1.0, 1.0, 1.0]
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def warm_up(self) -> None:
+        """One batch of 1 and one of 2 through each tower: a compiled model compiles every graph it needs now, at
+        start-up (batch 1 is always a graph of its own; any other size then shares the dynamic one), not on the
+        first multi-item batch of a live request."""
+        blank = np.zeros((self.input_height, self.input_width, 3), np.uint8)
+        for count in (1, 2):
+            self.embed_images([blank] * count)
+            self.embed_texts(["warm-up"] * count)
 
     def image_spec(self, max_pixels: int, jpeg_draft: bool, max_decoded_pixels: int) -> ImageSpec:
         return ImageSpec(self.input_height, self.input_width, self.resample, max_pixels, jpeg_draft, max_decoded_pixels)
@@ -194,8 +212,7 @@ def load(settings: Siglip2Settings) -> Siglip2Service:
     source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
     with explain_broken_weights(source, DOWNLOAD_HELP):
         encoder = Siglip2Encoder(source, device, dtype, compile_model=settings.compile)
-    encoder.embed_images([np.zeros((encoder.input_height, encoder.input_width, 3), np.uint8)])  # warm-up
-    encoder.embed_texts(["warm-up"])
+    encoder.warm_up()
     return Siglip2Service(settings, encoder, describe_device(device))
 
 

@@ -110,6 +110,7 @@ class ImageEmbedder:
         mine = self.encoder.image_spec(spec.max_pixels, spec.jpeg_draft, spec.max_decoded_pixels)
         if mine != spec:
             raise RuntimeError(f"the decoders use {spec} but the encoder wants {mine}: read_image_spec is out of date")
+        self.encoder.warm_up()  # a compiled model compiles now, not on the first batches
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from common.service import l2_normalize

@@ -14,6 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from safetensors import safe_open
+from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 
 from qwen3_embed import Qwen3Encoder, Qwen3Settings
@@ -84,3 +85,23 @@ def test_no_asynchronous_copy_reads_pageable_memory(tiny_siglip: Path, tiny_zima
         image_encoder.embed_texts(["a cat", "the sea"])
         text_encoder.embed_texts(["a cat", "the sea"])
     assert copies.unsafe == []
+
+
+def test_torch_compile_compiles_only_at_start_up(tiny_siglip: Path, tiny_zimage: Path) -> None:
+    """With --compile, warm_up makes every graph the services need: batches of 1 to max_batch_size afterwards (texts
+    of equal and of different lengths) compile nothing more, so no live request waits for a compile. The eager
+    backend traces and counts graphs as inductor would, without generating kernels."""
+    image_encoder = Siglip2Encoder(str(tiny_siglip), CPU, torch.float32, True, compile_backend="eager")
+    text_encoder = Qwen3Encoder(str(tiny_zimage), CPU, torch.float32, compile_model=True, compile_backend="eager")
+    counters.clear()
+    image_encoder.warm_up()
+    text_encoder.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3  # the models are compiled: each tower and the text model made graphs
+    blank = np.zeros((image_encoder.input_height, image_encoder.input_width, 3), np.uint8)
+    for count in range(1, Qwen3Settings.model_fields["max_batch_size"].default + 1):
+        image_encoder.embed_images([blank] * count)
+        image_encoder.embed_texts(["a photo of a cat"] * count)
+        text_encoder.embed_texts(["the sea"] * count)
+        text_encoder.embed_texts(["a red tree " * (i + 1) for i in range(count)])
+    assert counters["stats"]["unique_graphs"] == graphs
