@@ -100,9 +100,11 @@ class ImageEmbedder:
     """One actor of the pool: loads the encoder once, then embeds batches of decoded pixels."""
 
     def __init__(self, settings: Siglip2Settings, spec: ImageSpec) -> None:
+        from cluster.devices import place_on_ray_resources
         from common.loading import pick_device, pick_dtype
         from siglip2_embed import Siglip2Encoder
 
+        settings = place_on_ray_resources(settings)  # no GPU of Ray's: the CPU, whatever torch can see
         device = pick_device(settings)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: "auto" finds it
         self.encoder = Siglip2Encoder(
             resolve_model(settings), device, pick_dtype(settings.dtype, device), settings.compile
