@@ -59,5 +59,7 @@ def place_on_ray_resources(settings: SettingsT) -> SettingsT:
     """In a Ray actor or Serve replica, before the model is loaded: its settings for the resources Ray gave it."""
     import ray
 
+    if not ray.is_initialized():  # not in Ray (a test, or the class used directly): Ray assigned nothing
+        return settings
     assigned = ray.get_runtime_context().get_assigned_resources()
     return apply_placement(settings, placement(settings.device, assigned))

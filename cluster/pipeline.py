@@ -119,11 +119,42 @@ class ImageEmbedder:
 
         ok = batch["error"] == ""
         vectors = np.zeros((len(ok), self.encoder.dimension), np.float32)
+        errors = batch["error"].copy()
         if ok.any():
             pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]  # no copy in the usual case
-            vectors[ok] = l2_normalize(self.encoder.embed_images(list(pixels)))
+            embedded, embed_errors = self.embed(list(pixels))
+            vectors[ok] = l2_normalize(embedded)
+            errors[ok] = embed_errors
         # The pixels stay behind: only paths, vectors and errors travel back to the driver.
-        return {"path": batch["path"], "vector": vectors, "error": batch["error"]}
+        return {"path": batch["path"], "vector": vectors, "error": errors}
+
+    def embed(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+        """Raw vectors and an error per image ("" when fine), as the service's batcher does it: a batch that runs out
+        of device memory is split in halves (a retry at the same size would fail again), an image that does not fit
+        even alone is that row's error, and so is a vector with NaN or infinity (never a row of the index)."""
+        from common.device_memory import empty_device_cache, is_out_of_memory
+
+        out_of_memory = ""
+        try:
+            vectors = self.encoder.embed_images(pixels)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            out_of_memory = f"{type(exc).__name__}: {exc}"  # only text: no reference to the error
+        if out_of_memory:
+            # Outside the except block: its traceback holds the failed pass's activations until the block ends.
+            empty_device_cache(self.encoder.device)
+            if len(pixels) == 1:
+                message = f"out_of_memory: the image does not fit in device memory even alone ({out_of_memory})"
+                return np.zeros((1, self.encoder.dimension), np.float32), [message]
+            half = len(pixels) // 2
+            first, first_errors = self.embed(pixels[:half])
+            second, second_errors = self.embed(pixels[half:])
+            return np.concatenate([first, second]), first_errors + second_errors
+        finite = np.isfinite(vectors).all(axis=1)
+        vectors[~finite] = 0.0
+        overflow = "non_finite_vector: the model produced NaN or infinite values for this image"
+        return vectors, ["" if fine else overflow for fine in finite]
 
 
 def embedding_dataset(

@@ -3,14 +3,17 @@ from an actor that asked for none), a fraction of a GPU caps the process at that
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from cluster.devices import Placement, apply_placement, place_on_ray_resources, placement
+from cluster.pipeline import ImageEmbedder, read_image_spec
 from siglip2_embed import Siglip2Settings
 
 
@@ -75,3 +78,43 @@ def test_real_ray_actors_get_the_cpu_or_their_share(tiny_siglip: Path) -> None:
     with_share = Replica.options(num_gpus=0.3).remote()  # type: ignore[attr-defined]
     assert ray.get(without_gpu.placement.remote(settings), timeout=120) == (True, None)
     assert ray.get(with_share.placement.remote(settings), timeout=120) == (False, 0.3)
+
+
+def test_the_import_embedder_splits_out_of_memory_batches_and_never_stores_nan(tiny_siglip: Path) -> None:
+    """The Ray import's encoder actor, as the service's batcher: a batch that runs out of memory (torch's error,
+    raised inside the vision tower) is split, with the failed pass's activations gone before a half runs; an image
+    that yields NaN is that row's error, not a vector; a row that failed to decode keeps its error."""
+    settings = Siglip2Settings(model=str(tiny_siglip))
+    spec = read_image_spec(settings)
+    embedder = ImageEmbedder(settings, spec)
+    encoder = embedder.encoder
+    failed: list[weakref.ref[torch.Tensor]] = []
+    alive_at_each_pass: list[int] = []
+
+    def fail_big_batches(module: torch.nn.Module, args: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[0] > 1:
+            failed.extend(weakref.ref(t) for t in (hidden, *args) if isinstance(t, torch.Tensor))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (simulated)")
+
+    embed_images = encoder.embed_images
+
+    def overflow_on_sevens(pixels: Sequence[np.ndarray]) -> np.ndarray:
+        alive_at_each_pass.append(sum(ref() is not None for ref in failed))
+        vectors = embed_images(pixels)
+        vectors[np.array([(p == 7).all() for p in pixels])] = np.nan
+        return vectors
+
+    pixels = np.stack([np.full((spec.height, spec.width, 3), value, np.uint8) for value in (10, 7, 90, 200, 0)])
+    alone = [embed_images([p])[0] for p in pixels]
+    encoder.model.vision_model.encoder.layers[0].register_forward_hook(fail_big_batches)
+    encoder.embed_images = overflow_on_sevens  # type: ignore[method-assign]
+    errors = np.array(["", "", "", "", "invalid_image: not an image"], dtype=object)
+    out = embedder({"path": np.array([f"{i}.png" for i in range(5)]), "pixels": pixels, "error": errors})
+
+    assert list(out["error"][[0, 2, 3]]) == ["", "", ""]
+    assert out["error"][1].startswith("non_finite_vector") and out["error"][4] == "invalid_image: not an image"
+    assert np.isfinite(out["vector"]).all() and not out["vector"][[1, 4]].any()
+    for row in (0, 2, 3):
+        np.testing.assert_allclose(out["vector"][row], alone[row] / np.linalg.norm(alone[row]), atol=1e-5)
+    assert failed and alive_at_each_pass == [0] * 7, alive_at_each_pass  # 4 -> 2 + 2 -> 1 + 1 + 1 + 1
