@@ -59,7 +59,7 @@ def place_on_ray_resources(settings: SettingsT) -> SettingsT:
     """In a Ray actor or Serve replica, before the model is loaded: its settings for the resources Ray gave it."""
     import ray
 
-    if not ray.is_initialized():  # not in Ray (a test, or the class used directly): Ray assigned nothing
-        return settings
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return settings  # not in a Ray worker (the class used directly, in a driver): Ray assigned nothing
     assigned = ray.get_runtime_context().get_assigned_resources()
     return apply_placement(settings, placement(settings.device, assigned))
