@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.config import ServiceSettings, default_model
 from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
@@ -36,7 +36,7 @@ DOWNLOAD_HELP = (
     f"    # or: modelscope download {HUB_ID} --local_dir {LOCAL_PATH}"
 )
 
-Pooling = Literal["mean", "last"]
+Pooling = Literal["mean", "last", "mean_text"]
 Template = Literal["zimage", "none"]
 
 
@@ -45,7 +45,9 @@ class Qwen3Recipe:
     """Everything that decides the numbers of a vector; the defaults are what Z-Image conditions on."""
 
     layer: int = -2  # hidden_states index: -2 = output of the penultimate layer, -1 = the final (normed) output
-    pooling: Pooling = "mean"  # mean over the real tokens, or the last real token (Qwen3-Embedding)
+    # mean over the real tokens; the last real token (Qwen3-Embedding); or mean_text: the mean over the text's own
+    # tokens, leaving the template's out (their states are partly the same for every text, see docs/text-recipe.md)
+    pooling: Pooling = "mean"
     template: Template = "zimage"  # zimage: the chat template as Z-Image applies it; none: the raw text
     max_length: int = 512  # tokens per text after the template; Z-Image truncates at 512
 
@@ -66,7 +68,11 @@ class Qwen3Settings(ServiceSettings):
     )
     port: int = Field(6011, ge=1, le=65535, description="TCP port")
     layer: int = Field(Qwen3Recipe.layer, description="hidden_states index: -2 = penultimate layer, -1 = final output")
-    pooling: Pooling = Field(Qwen3Recipe.pooling, description="mean over real tokens, or the last real token")
+    pooling: Pooling = Field(
+        Qwen3Recipe.pooling,
+        description="mean over real tokens, the last real token, or mean_text: mean over the text's own tokens "
+        "(the template's left out)",
+    )
     template: Template = Field(
         Qwen3Recipe.template, description="zimage: Qwen3 chat template as Z-Image uses it; none: raw text"
     )
@@ -74,6 +80,17 @@ class Qwen3Settings(ServiceSettings):
     max_batch_tokens: int = Field(
         16384, ge=1, description="padded tokens per forward pass; a batch of long texts is split to stay under it"
     )
+
+    @field_validator("dtype")
+    @classmethod
+    def _not_float16(cls, dtype: str) -> str:
+        if dtype == "float16":
+            # Qwen3's activations exceed float16's range (65504) in a few channels: the vectors come out NaN.
+            raise ValueError(
+                "float16 overflows in Qwen3's activations (the vectors come out NaN); use bfloat16 (the default on "
+                "CUDA) or float32"
+            )
+        return dtype
 
     def recipe(self) -> Qwen3Recipe:
         return Qwen3Recipe(**{f.name: getattr(self, f.name) for f in fields(Qwen3Recipe)})
@@ -101,6 +118,7 @@ class Qwen3Encoder:
         *,
         max_batch_tokens: int = 16384,
         compile_model: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -134,13 +152,21 @@ class Qwen3Encoder:
             model.norm = torch.nn.Identity()
         self.model = model.to(device).eval()
         if compile_model:
-            self.model.compile(dynamic=True)  # batch size and padded length change from batch to batch
+            # Batch size and padded length change from batch to batch; a batch of 1 still gets a graph of its own
+            # (sizes 0 and 1 are always specialised), so warm_up runs a padded batch of 2 as well.
+            self.model.compile(dynamic=True, backend=compile_backend)
         self.dimension: int = config.hidden_size
         self.tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_dir)
         # Right padding keeps every real token at the same position as when the text is alone.
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def warm_up(self) -> None:
+        """A batch of 1 and a padded batch of 2: a compiled model compiles both graphs it needs now, at start-up,
+        not on the first multi-item batch of a live request."""
+        self.embed_texts(["warm-up"])
+        self.embed_texts(["warm-up", "a longer warm-up text, so that the batch is padded"])
 
     def format(self, text: str) -> str:
         if self.recipe.template == "none":
@@ -157,6 +183,24 @@ class Qwen3Encoder:
             [self.format(text) for text in texts], truncation=True, max_length=self.recipe.max_length
         )
         return [list(ids) for ids in encoded["input_ids"]]
+
+    def text_positions(self, texts: Sequence[str]) -> list[list[int]]:
+        """Per text, the positions of the tokens that hold the text itself (not the template), found by their
+        character offsets in the prompt; a text with none (an empty one) keeps every position."""
+        encoded = self.tokenizer(
+            [self.format(text) for text in texts],
+            truncation=True,
+            max_length=self.recipe.max_length,
+            return_offsets_mapping=True,
+        )
+        positions = []
+        # The template puts the text between a fixed head and tail: the head's length is where the text starts.
+        start = len(self.format("\x00").partition("\x00")[0])
+        for text, offsets in zip(texts, encoded["offset_mapping"], strict=True):
+            end = start + len(text)
+            inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+            positions.append(inside or list(range(len(offsets))))
+        return positions
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         """Tokens the model reads (template included), for the OpenAI route's usage."""
@@ -182,12 +226,17 @@ class Qwen3Encoder:
         lengths = [len(ids) for ids in token_ids]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        text_positions = self.text_positions(texts) if self.recipe.pooling == "mean_text" else None
         for chunk in self._chunks(order, lengths):
             # Pad to the longest text of the chunk, not to max_length: same numbers, far less work.
             padded = self.tokenizer.pad({"input_ids": [token_ids[i] for i in chunk]}, return_tensors="pt")
             input_ids = padded["input_ids"].to(self.device)
             mask = padded["attention_mask"].to(self.device)
             hidden = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+            if text_positions is not None:  # pool over the text's own tokens only
+                mask = torch.zeros_like(mask)
+                for row, index in enumerate(chunk):
+                    mask[row, text_positions[index]] = 1
             vectors[chunk] = self._pool(hidden.float(), mask).cpu().numpy()
         return vectors
 
@@ -250,7 +299,7 @@ def load(settings: Qwen3Settings) -> Qwen3Service:
             max_batch_tokens=settings.max_batch_tokens,
             compile_model=settings.compile,
         )
-    encoder.embed_texts(["warm-up"])
+    encoder.warm_up()
     return Qwen3Service(settings, encoder, describe_device(device))
 
 

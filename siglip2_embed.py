@@ -23,7 +23,14 @@ from common.config import ImageLimits, ServiceSettings, default_model
 from common.contract import EncodedImage
 from common.decoding import DecodePool
 from common.images import ImageSpec
-from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
+from common.loading import (
+    describe_device,
+    display_name,
+    explain_broken_weights,
+    locate_model,
+    read_checkpoint_floats,
+    read_config,
+)
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
 
@@ -50,7 +57,15 @@ class Siglip2Settings(ImageLimits, ServiceSettings):
 class Siglip2Encoder:
     """A SigLIP checkpoint (``model_type "siglip"``) with pure batch methods; no HTTP, no asyncio."""
 
-    def __init__(self, source: str, device: torch.device, dtype: torch.dtype, compile_model: bool = False) -> None:
+    def __init__(
+        self,
+        source: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        compile_model: bool = False,
+        *,
+        compile_backend: str = "inductor",
+    ) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
         config = read_config(
@@ -65,12 +80,16 @@ class Siglip2Encoder:
         self.model = SiglipModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
         self.model = self.model.to(device).eval()  # type: ignore[arg-type]
         if compile_model:
-            # Image batches have one shape per batch size; text is always padded to text_length.
-            self.model.vision_model.compile()
-            self.model.text_model.compile()
+            # Only the batch size varies (images are at the input size, text is padded to text_length). torch.compile
+            # specialises its first graph on it; the second batch size it sees makes it dynamic: warm_up runs both.
+            self.model.vision_model.compile(backend=compile_backend)
+            self.model.text_model.compile(backend=compile_backend)
         self.dimension: int = config.vision_config.hidden_size
-        self.logit_scale = float(self.model.logit_scale.float().item())
-        self.logit_bias = float(self.model.logit_bias.float().item())
+        # The pair-probability scalars in float32, as the checkpoint has them: cast to bfloat16 with the model, the
+        # logit scale 4.7 would become 4.6875 (exp 1.2 % low) and every /similarity probability would be off.
+        stored = read_checkpoint_floats(source, ["logit_scale", "logit_bias"])
+        self.logit_scale = stored.get("logit_scale", float(self.model.logit_scale.float().item()))
+        self.logit_bias = stored.get("logit_bias", float(self.model.logit_bias.float().item()))
 
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         # Right padding: the text tower pools the last position and was trained on right-padded text
@@ -89,13 +108,24 @@ class Siglip2Encoder:
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
+    def warm_up(self) -> None:
+        """One batch of 1 and one of 2 through each tower: a compiled model compiles every graph it needs now, at
+        start-up (batch 1 is always a graph of its own; any other size then shares the dynamic one), not on the
+        first multi-item batch of a live request."""
+        blank = np.zeros((self.input_height, self.input_width, 3), np.uint8)
+        for count in (1, 2):
+            self.embed_images([blank] * count)
+            self.embed_texts(["warm-up"] * count)
+
     def image_spec(self, max_pixels: int, jpeg_draft: bool, max_decoded_pixels: int) -> ImageSpec:
         return ImageSpec(self.input_height, self.input_width, self.resample, max_pixels, jpeg_draft, max_decoded_pixels)
 
     @torch.inference_mode()
     def embed_images(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 H x W x 3 arrays at the input size -> raw (unnormalised) image vectors, float32."""
-        batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
+        # A plain (synchronous) copy: non_blocking from pageable memory gains nothing on CUDA (it is synchronous
+        # there anyway), and on MPS the copy may run after the np.stack temporary is freed (wrong pixels, silently).
+        batch = torch.from_numpy(np.stack(pixels)).to(self.device)
         # Rescale and normalise on the device, in float32 as the reference processor does, then cast.
         values = batch.permute(0, 3, 1, 2).float() * self.rescale_factor
         values = ((values - self._mean) / self._std).to(self.dtype)
@@ -182,8 +212,7 @@ def load(settings: Siglip2Settings) -> Siglip2Service:
     source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
     with explain_broken_weights(source, DOWNLOAD_HELP):
         encoder = Siglip2Encoder(source, device, dtype, compile_model=settings.compile)
-    encoder.embed_images([np.zeros((encoder.input_height, encoder.input_width, 3), np.uint8)])  # warm-up
-    encoder.embed_texts(["warm-up"])
+    encoder.warm_up()
     return Siglip2Service(settings, encoder, describe_device(device))
 
 

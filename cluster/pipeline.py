@@ -120,9 +120,11 @@ class ImageEmbedder:
     """One actor of the pool: loads the encoder once, then embeds batches of decoded pixels."""
 
     def __init__(self, settings: Siglip2Settings, spec: ImageSpec) -> None:
+        from cluster.devices import place_on_ray_resources
         from common.loading import pick_device, pick_dtype
         from siglip2_embed import Siglip2Encoder
 
+        settings = place_on_ray_resources(settings)  # no GPU of Ray's: the CPU, whatever torch can see
         device = pick_device(settings)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: "auto" finds it
         self.encoder = Siglip2Encoder(
             resolve_model(settings), device, pick_dtype(settings.dtype, device), settings.compile
@@ -130,17 +132,49 @@ class ImageEmbedder:
         mine = self.encoder.image_spec(spec.max_pixels, spec.jpeg_draft, spec.max_decoded_pixels)
         if mine != spec:
             raise RuntimeError(f"the decoders use {spec} but the encoder wants {mine}: read_image_spec is out of date")
+        self.encoder.warm_up()  # a compiled model compiles now, not on the first batches
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from common.service import l2_normalize
 
         ok = batch["error"] == ""
         vectors = np.zeros((len(ok), self.encoder.dimension), np.float32)
+        errors = batch["error"].copy()
         if ok.any():
             pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]  # no copy in the usual case
-            vectors[ok] = l2_normalize(self.encoder.embed_images(list(pixels)))
+            embedded, embed_errors = self.embed(list(pixels))
+            vectors[ok] = l2_normalize(embedded)
+            errors[ok] = embed_errors
         # The pixels stay behind: only paths, vectors and errors travel back to the driver.
-        return {"path": batch["path"], "vector": vectors, "error": batch["error"]}
+        return {"path": batch["path"], "vector": vectors, "error": errors}
+
+    def embed(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+        """Raw vectors and an error per image ("" when fine), as the service's batcher does it: a batch that runs out
+        of device memory is split in halves (a retry at the same size would fail again), an image that does not fit
+        even alone is that row's error, and so is a vector with NaN or infinity (never a row of the index)."""
+        from common.device_memory import empty_device_cache, is_out_of_memory
+
+        out_of_memory = ""
+        try:
+            vectors = self.encoder.embed_images(pixels)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            out_of_memory = f"{type(exc).__name__}: {exc}"  # only text: no reference to the error
+        if out_of_memory:
+            # Outside the except block: its traceback holds the failed pass's activations until the block ends.
+            empty_device_cache(self.encoder.device)
+            if len(pixels) == 1:
+                message = f"out_of_memory: the image does not fit in device memory even alone ({out_of_memory})"
+                return np.zeros((1, self.encoder.dimension), np.float32), [message]
+            half = len(pixels) // 2
+            first, first_errors = self.embed(pixels[:half])
+            second, second_errors = self.embed(pixels[half:])
+            return np.concatenate([first, second]), first_errors + second_errors
+        finite = np.isfinite(vectors).all(axis=1)
+        vectors[~finite] = 0.0
+        overflow = "non_finite_vector: the model produced NaN or infinite values for this image"
+        return vectors, ["" if fine else overflow for fine in finite]
 
 
 def dataset_location(source: Source, file: SourceFile) -> str | bytes:

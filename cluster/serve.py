@@ -190,12 +190,14 @@ class EmbeddingReplica:
     def __init__(
         self, name: str, settings: ServiceSettings, load: Callable[[ServiceSettings], EmbeddingModel] | None = None
     ) -> None:
+        from cluster.devices import place_on_ray_resources
+
         self.definition = service_definition(name)
-        self.settings = settings
+        configure_logging(settings.log_level)  # to stderr, which Ray keeps in the replica's worker log
+        self.settings = place_on_ray_resources(settings)  # no GPU of Ray's: the CPU; a GPU share: memory capped
         self.load_override = load
         self.runtime: Runtime | None = None
         self.load_error: Exception | None = None
-        configure_logging(settings.log_level)  # to stderr, which Ray keeps in the replica's worker log
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve after ``__init__``; Serve then runs the app's lifespan (which loads the model)."""

@@ -157,6 +157,8 @@ class MicroBatcher(Generic[In, Out]):
             return
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        outputs: Sequence[Out] | np.ndarray | None = None
+        failure = ""
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
             if len(outputs) != len(batch):
@@ -166,7 +168,11 @@ class MicroBatcher(Generic[In, Out]):
                 if not batch[0].future.done():
                     batch[0].future.set_exception(exc)
                 return
-            logger.warning("%s batch of %d failed (%s); retrying in halves", self.name, len(batch), exc)
+            outputs, failure = None, f"{type(exc).__name__}: {exc}"  # only text: no reference to the error
+        if outputs is None:
+            # The halves run outside the except block: there the error's traceback would keep the failed pass's
+            # frames, and every tensor they held (a batch too big for GPU memory), alive while the halves run.
+            logger.warning("%s batch of %d failed (%s); retrying in halves", self.name, len(batch), failure)
             half = len(batch) // 2
             await self._run(batch[:half])
             await self._run(batch[half:])

@@ -7,6 +7,8 @@ logged once by the access-log middleware, which sees every request, not by a han
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.config import limit_hint
+
+logger = logging.getLogger(__name__)
 
 
 class EmbedError(Exception):
@@ -88,6 +92,11 @@ class HeadersTooLarge(EmbedError, status=431, type="invalid_request_error", code
 class QueueFull(EmbedError, status=429, type="rate_limit_error", code="queue_full"): ...
 
 
+# 500: the service failed this input, and would again (retrying does not help).
+class NonFiniteVector(EmbedError, status=500, code="non_finite_vector"):
+    """The model produced NaN or infinity for an input (a numerical overflow); the vector is never returned."""
+
+
 # 503: the service cannot answer now; a client retries after Retry-After.
 class RequestTimeout(EmbedError, status=503, code="timeout"): ...
 
@@ -143,7 +152,13 @@ def _classify_parse_error(detail: str) -> tuple[int, str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EmbedError)
     async def _embed_error(request: Request, exc: EmbedError) -> JSONResponse:
-        return _response(request, exc.status, exc.message, exc.type, exc.code, exc.headers)
+        message = exc.message
+        if exc.status == 500:
+            # The service failed, not the client: the log has it with the request id, and so does the answer.
+            request_id = getattr(request.state, "request_id", None)
+            logger.error("%s: %s (request id %s)", exc.code, exc.message, request_id)
+            message = f"{message}; see the server log for request id {request_id}"
+        return _response(request, exc.status, message, exc.type, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

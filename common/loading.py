@@ -195,6 +195,29 @@ def find_broken_weights(folder: str | Path) -> tuple[Path, str] | None:
     return None
 
 
+def read_checkpoint_floats(folder: str | Path, names: list[str]) -> dict[str, float]:
+    """Scalars as the checkpoint stores them (float32 for SigLIP's), read from its safetensors files, single or
+    sharded. A model loaded in bfloat16 has them rounded (SigLIP's logit scale 4.7 becomes 4.6875). A name not found
+    in a safetensors file is left out."""
+    import json
+
+    from safetensors import safe_open
+
+    root = Path(folder)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = {name: root / weight_map[name] for name in names if name in weight_map}
+    else:
+        files = {name: root / "model.safetensors" for name in names} if (root / "model.safetensors").is_file() else {}
+    values: dict[str, float] = {}
+    for name, path in files.items():
+        with safe_open(str(path), framework="pt") as checkpoint:
+            if name in checkpoint.keys():  # noqa: SIM118 - safe_open has keys(), no __contains__
+                values[name] = float(checkpoint.get_tensor(name).float().item())
+    return values
+
+
 @contextmanager
 def explain_broken_weights(folder: str | Path, download_help: str) -> Iterator[None]:
     """Around loading a model from ``folder``: if loading fails and a weights file there is broken, the error says

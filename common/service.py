@@ -16,7 +16,15 @@ import torch
 from common.batching import MicroBatcher
 from common.config import Modality, ServiceSettings, limit_hint
 from common.contract import EncodedImage, ModelInfo
-from common.errors import InvalidRequestBody, OutOfMemory, PayloadTooLarge, TooManyItems, UnsupportedInput
+from common.device_memory import BatchOutOfMemory, empty_device_cache, is_out_of_memory
+from common.errors import (
+    InvalidRequestBody,
+    NonFiniteVector,
+    OutOfMemory,
+    PayloadTooLarge,
+    TooManyItems,
+    UnsupportedInput,
+)
 from common.formats import is_image_data_uri
 from common.loading import has_random_weights
 
@@ -34,6 +42,7 @@ class TextEncoder(Protocol):
     """The pure batch methods of an encoder that reads text (every model here does)."""
 
     source: str  # the folder the weights were loaded from
+    device: torch.device
     dimension: int
     dtype: torch.dtype
 
@@ -83,26 +92,34 @@ class BatchedService:
         self, run_batch: Callable[[list[In]], Sequence[Out] | np.ndarray]
     ) -> Callable[[list[In]], Sequence[Out] | np.ndarray]:
         """Out-of-memory -> free the cache and let the batcher split the batch; a lone item that still does not fit
-        is a 503. Repeated failures of lone items mean a broken device, not a bad input."""
+        is a 503. Repeated failures of lone items mean a broken device, not a bad input. A vector with NaN or
+        infinity is never returned: the batch fails (and is split), a lone item fails with 500."""
 
         def run(items: list[In]) -> Sequence[Out] | np.ndarray:
+            out_of_memory = ""
             try:
                 result = run_batch(items)
-            except torch.OutOfMemoryError:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    if len(items) == 1:
+                        self._failures_in_a_row += 1
+                        if self._failures_in_a_row >= FAILURES_BEFORE_UNHEALTHY and self.healthy:
+                            logger.error(
+                                "%d forward passes failed in a row: marking the service unhealthy",
+                                self._failures_in_a_row,
+                            )
+                            self.healthy = False
+                    raise
+                out_of_memory = f"{type(exc).__name__}: {exc}"  # only text: no reference to the error
+            if out_of_memory:
+                # Outside the except block: there the error's traceback would keep the failed forward pass's frames
+                # and their activations alive, and emptying the cache could not give their memory back.
+                empty_device_cache(self.text_encoder.device)
                 if len(items) == 1:
-                    raise OutOfMemory("one item does not fit in device memory; try a smaller input") from None
-                raise
-            except Exception:
-                if len(items) == 1:
-                    self._failures_in_a_row += 1
-                    if self._failures_in_a_row >= FAILURES_BEFORE_UNHEALTHY and self.healthy:
-                        logger.error(
-                            "%d forward passes failed in a row: marking the service unhealthy", self._failures_in_a_row
-                        )
-                        self.healthy = False
-                raise
+                    logger.warning("one item does not fit in device memory even alone (%s)", out_of_memory)
+                    raise OutOfMemory("one item does not fit in device memory; try a smaller input")
+                raise BatchOutOfMemory(f"a batch of {len(items)} did not fit in device memory ({out_of_memory})")
+            check_finite(result, len(items))
             self._failures_in_a_row = 0
             return result
 
@@ -224,6 +241,21 @@ class BatchedService:
             raise UnsupportedInput(
                 f"this service ({self.model_name}) embeds text only; send images to an image service"
             )
+
+
+def check_finite(result: Sequence[Any] | np.ndarray, count: int) -> None:
+    """NonFiniteVector if a row of a batch's vectors has NaN or infinity (a numerical overflow in the model): such a
+    row must never reach a client or an index. The batcher splits a failed batch, so only the inputs that overflow
+    fail, each with its own request."""
+    if not isinstance(result, np.ndarray) or result.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(result.reshape(count, -1)).all(axis=1)
+    if bad.any():
+        logger.error("the model returned NaN or infinity in %d of %d vectors", int(bad.sum()), count)
+        raise NonFiniteVector(
+            "the model produced NaN or infinite values for this input (a numerical overflow in the model, not a "
+            "fault of the request); no vector was returned"
+        )
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

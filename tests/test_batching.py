@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from common.batching import MicroBatcher
 
@@ -73,3 +75,33 @@ def test_submit_without_start_is_an_error() -> None:
 
     with pytest.raises(RuntimeError, match="not running"):
         asyncio.run(scenario())
+
+
+def test_a_failed_batch_is_released_before_its_halves_run() -> None:
+    """The split-and-retry of a batch that ran out of memory: what the failed attempt held (its frames, and the
+    tensors in them) is gone before the first half runs, or each retry would run with its parents' memory held."""
+    failed_attempts: list[weakref.ref[torch.Tensor]] = []
+    alive_when_a_half_ran: list[int] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        alive_when_a_half_ran.append(sum(ref() is not None for ref in failed_attempts))
+        activations = torch.ones(len(items), 1000)  # what a forward pass holds in its frames when it fails
+        if len(items) > 1:
+            failed_attempts.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError(f"out of memory with a batch of {len(items)} (simulated)")
+        return [int(activations.sum()) + item for item in items]
+
+    async def scenario() -> list[int]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher: MicroBatcher[int, int] = MicroBatcher(
+                run_batch, executor=executor, max_batch_size=8, max_wait_s=0.05
+            )
+            batcher.start()
+            try:
+                return await batcher.submit(list(range(8)))
+            finally:
+                await batcher.stop()
+
+    assert asyncio.run(scenario()) == [1000 + item for item in range(8)]
+    assert len(failed_attempts) == 7  # 8 -> 4 + 4 -> 2 + 2 + 2 + 2
+    assert alive_when_a_half_ran == [0] * 15, alive_when_a_half_ran

@@ -142,3 +142,47 @@ def test_qwen3_embedding_recipe_matches_its_official_usage(tiny_qwen3: Path) -> 
         last = official_model(**batch).last_hidden_state[:, -1]
     expected = torch.nn.functional.normalize(last, dim=-1).numpy()
     assert np.all(cosines(model.embed_texts(TEXTS), expected) >= MIN_COSINE)
+
+
+def test_mean_text_pooling_leaves_out_only_the_template_tokens(tiny_zimage: Path) -> None:
+    """--pooling mean_text: the mean of hidden_states[-2] over the text's own tokens, the chat template's head
+    (<|im_start|>user\\n) and tail (<|im_end|>\\n<|im_start|>assistant\\n) left out; nothing else changes (same
+    layer, same template in the model's input), and it is another embedding space (its own version)."""
+    texts = TEXTS[:4]  # not truncated
+    model = AutoModel.from_pretrained(tiny_zimage, subfolder="text_encoder").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_zimage, subfolder="tokenizer")
+    head = len(tokenizer("<|im_start|>user\n")["input_ids"])
+    tail = len(tokenizer("<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    expected = []
+    for text in texts:
+        prompt = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-2][0]
+        expected.append(hidden[head : len(hidden) - tail].mean(0).numpy())
+    reference_vectors = np.stack(expected) / np.linalg.norm(expected, axis=-1, keepdims=True)
+    text_only = encoder(tiny_zimage, pooling="mean_text")
+    assert np.all(cosines(text_only.embed_texts(texts), reference_vectors) >= MIN_COSINE)
+    assert text_only.recipe.version() == "1.0+pooling=mean_text"
+    # The default recipe is untouched, and differs: the template tokens did count there.
+    default = encoder(tiny_zimage).embed_texts(texts)
+    assert np.all(cosines(default, reference(tiny_zimage, texts, -2, "mean", "zimage")) >= MIN_COSINE)
+    assert np.all(cosines(default, reference_vectors) < 0.999)
+    # Without a template every token is the text's: the same vectors as the plain mean.
+    no_template = encoder(tiny_zimage, pooling="mean_text", template="none").embed_texts(TEXTS)
+    np.testing.assert_allclose(no_template, encoder(tiny_zimage, template="none").embed_texts(TEXTS), atol=1e-5)
+    # A batch equals the texts one by one (the pooling masks follow the length-sorted chunks).
+    alone = np.concatenate([text_only.embed_texts([text]) for text in TEXTS])
+    np.testing.assert_allclose(text_only.embed_texts(TEXTS), alone, rtol=1e-4, atol=1e-5)
+
+
+def test_the_pooling_reference_computation(tiny_zimage: Path) -> None:
+    """bench/pooling_reference.py: the template tokens before the text have the same states for every text, and a
+    massive activation on the first token squeezes the all-token cosines towards 1, not the text-only ones."""
+    from bench.pooling_reference import pooling_reference
+
+    result = pooling_reference(tiny_zimage, [0.0, 1000.0])
+    assert result["prefix_tokens"] >= 3 and result["prefix_difference"] < 1e-5
+    plain, massive = result["rows"]
+    assert massive["all_tokens"].mean() > 0.99 > plain["all_tokens"].mean()
+    np.testing.assert_allclose(massive["text_only"], plain["text_only"], atol=1e-6)
