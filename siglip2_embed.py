@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,8 +24,12 @@ from common.contract import EncodedImage
 from common.decoding import DecodePool
 from common.images import ImageSpec
 from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
+from common.residency import SwappableWeights
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
+
+if TYPE_CHECKING:
+    from transformers import SiglipModel
 
 HUB_ID = "google/siglip2-so400m-patch16-512"
 LOCAL_PATH = "/mnt/hdd/models/siglip2-so400m-patch16-512"
@@ -47,11 +51,11 @@ class Siglip2Settings(ImageLimits, ServiceSettings):
     port: int = Field(6010, ge=1, le=65535, description="TCP port")
 
 
-class Siglip2Encoder:
+class Siglip2Encoder(SwappableWeights["SiglipModel"]):
     """A SigLIP checkpoint (``model_type "siglip"``) with pure batch methods; no HTTP, no asyncio."""
 
     def __init__(self, source: str, device: torch.device, dtype: torch.dtype, compile_model: bool = False) -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
+        from transformers import AutoImageProcessor, AutoTokenizer
 
         config = read_config(
             source,
@@ -62,12 +66,8 @@ class Siglip2Encoder:
         self.source = source
         self.device = device
         self.dtype = dtype
-        self.model = SiglipModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
-        self.model = self.model.to(device).eval()  # type: ignore[arg-type]
-        if compile_model:
-            # Image batches have one shape per batch size; text is always padded to text_length.
-            self.model.vision_model.compile()
-            self.model.text_model.compile()
+        self.compile_model = compile_model
+        self.model = self.load_model()
         self.dimension: int = config.vision_config.hidden_size
         self.logit_scale = float(self.model.logit_scale.float().item())
         self.logit_bias = float(self.model.logit_bias.float().item())
@@ -88,6 +88,18 @@ class Siglip2Encoder:
         std = processor.image_std if processor.do_normalize else [1.0, 1.0, 1.0]
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def load_model(self) -> SiglipModel:
+        """The weights from the folder onto the device (at start-up, and on a wake after an unload)."""
+        from transformers import SiglipModel
+
+        model = SiglipModel.from_pretrained(self.source, dtype=self.dtype, attn_implementation="sdpa")
+        model = model.to(self.device).eval()  # type: ignore[arg-type]
+        if self.compile_model:
+            # Image batches have one shape per batch size; text is always padded to text_length.
+            model.vision_model.compile()
+            model.text_model.compile()
+        return model
 
     def image_spec(self, max_pixels: int, jpeg_draft: bool, max_decoded_pixels: int) -> ImageSpec:
         return ImageSpec(self.input_height, self.input_width, self.resample, max_pixels, jpeg_draft, max_decoded_pixels)

@@ -30,6 +30,7 @@ from common.contract import EmbeddingModel, ModelInfo
 from common.errors import NotReady, install_error_handlers
 from common.loading import WrongModel
 from common.metrics import Metrics
+from common.residency import SleepInfo
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Runtime:
             for batcher in model.batchers:
                 batcher.observer = self.metrics.observe_batch
                 self.metrics.watch_queue(batcher.name, lambda b=batcher: b.queue_depth)  # type: ignore[misc]
+            self.metrics.watch_residency(model.residency)
             await model.start()
         except WrongModel as exc:
             logger.error("loading the model failed: %s", exc)  # a clear message; a traceback adds nothing
@@ -163,6 +165,7 @@ class ServiceInfo(ModelInfo, ServiceState):
     """/info once the model is loaded: the service's state and what the model says about itself."""
 
     load_seconds: float
+    sleep: SleepInfo
 
 
 def limits_of(settings: ServiceSettings) -> dict[str, int | float]:
@@ -180,7 +183,9 @@ service_router = APIRouter(tags=["service"])
 @service_router.get("/health")
 @service_router.head("/health", include_in_schema=False)
 async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
-    """200 only when a request would be served; 503 "loading" or "unhealthy" otherwise. Never needs a key."""
+    """200 only when a request would be served (a sleeping model is woken by it, so 200 while it sleeps too, with
+    its ``state``: a supervisor must not restart a sleeping service); 503 "loading" or "unhealthy" otherwise. Never
+    needs a key."""
     model = runtime.model
     if runtime.status != "ok" or model is None:
         return JSONResponse({"status": runtime.status}, status_code=503, headers={"Retry-After": "5"})
@@ -193,6 +198,7 @@ async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONRespon
             "device": model.device,
             "modalities": list(model.modalities),
             "tiny": model.tiny,
+            "state": model.residency.state,
         }
     )
 
@@ -218,7 +224,10 @@ async def info(runtime: Annotated[Runtime, Depends(runtime_of)]) -> ServiceInfo 
     if runtime.model is None:
         return state
     return ServiceInfo(
-        **state.model_dump(), **runtime.model.info().model_dump(), load_seconds=round(runtime.load_seconds or 0.0, 3)
+        **state.model_dump(),
+        **runtime.model.info().model_dump(),
+        load_seconds=round(runtime.load_seconds or 0.0, 3),
+        sleep=runtime.model.residency.info(),
     )
 
 
