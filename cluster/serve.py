@@ -42,7 +42,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
@@ -67,6 +66,9 @@ NOT_USED_UNDER_SERVE = {
     "port": "the HTTP port is Serve's (http_options.port in the config, or serve start --http-port)",
     "log_file": "each replica logs to Ray's log folder (/tmp/ray/session_latest/logs/serve/ and worker-*.err)",
 }
+
+# The routes that sleep and wake one process's model on demand (refused here: see the module docstring).
+ADMIN_PATHS = ("/admin/sleep", "/admin/wake")
 
 # How often a starting replica looks at whether its model has loaded.
 READY_POLL_S = 0.05
@@ -126,10 +128,8 @@ class AdminRouteUnderServe(EmbedError, status=501, type="invalid_request_error",
 
 
 def refuse_admin_routes(app: FastAPI) -> None:
-    """Replace ``/admin/sleep`` and ``/admin/wake`` with a refusal that says what to use instead; the refusal goes
-    through the app's own guard (API key), access log and error envelope like any route."""
-    admin = [r for r in app.router.routes if isinstance(r, APIRoute) and r.path.startswith("/admin/")]
-    app.router.routes = [route for route in app.router.routes if route not in admin]
+    """Answer ``/admin/sleep`` and ``/admin/wake`` with a refusal that says what to use instead, matched before the
+    service's own routes; the refusal goes through the app's guard (API key), access log and error envelope."""
 
     async def refuse() -> None:
         raise AdminRouteUnderServe(
@@ -138,8 +138,9 @@ def refuse_admin_routes(app: FastAPI) -> None:
             "min_replicas: 0); idle_sleep_s still puts each replica's model to sleep when it is idle"
         )
 
-    for route in admin:
-        app.add_api_route(route.path, refuse, methods=["POST"], include_in_schema=False)
+    for path in ADMIN_PATHS:
+        app.add_api_route(path, refuse, methods=["POST"], include_in_schema=False)
+        app.router.routes.insert(0, app.router.routes.pop())
 
 
 class ProxyAddsRequestId:

@@ -6,6 +6,7 @@ and the indexer wait out), failing wakes (503, the next request tries again), th
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from common.errors import Asleep
+from common.memory import release_free_memory
 from common.residency import Residency, SleepMode, pick_sleep_mode
 from embed_client import EmbedClient, index_folder
 from embed_client import main as client_main
@@ -37,7 +39,7 @@ from tests.helpers import (
     serve_in_thread,
     serving,
 )
-from tests.live_server import started_server
+from tests.live_server import service_process, started_server
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -495,3 +497,78 @@ def test_a_stop_while_waking_lets_the_wake_finish(tiny_zimage: Path) -> None:
         server.should_exit = True  # what SIGTERM does
         assert waking.result(timeout=30).status_code in (200, 503)
     # started_server asserts that the server's thread ended
+
+
+# --- memory given back, stopping, Ray Serve ----------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.slow
+def test_unload_gives_the_weights_memory_back_to_the_system(tmp_path: Path) -> None:
+    """On the CPU, an unloaded model's RSS goes back to the system (glibc would keep it in its arenas), and
+    sleep/wake cycles do not make the process grow."""
+    from tests.tiny_models import build_tiny_siglip
+
+    model = build_tiny_siglip(tmp_path / "siglip-177mb", hidden_size=1024)  # 44 M parameters, 177 MB in float32
+    release_free_memory()
+    before = rss_bytes()
+    encoder = Siglip2Encoder(str(model), CPU, torch.float32)
+    weights = sum(p.numel() * p.element_size() for p in encoder.model.parameters())
+    assert weights > 150_000_000
+    pixels = [np.full((encoder.input_height, encoder.input_width, 3), 128, np.uint8)]
+
+    def vectors() -> tuple[np.ndarray, np.ndarray]:
+        # Both towers: a float32 file's weights are mapped from it, and count in the RSS once they are read.
+        return encoder.embed_texts(["a photo of a cat"]), encoder.embed_images(pixels)
+
+    expected = vectors()
+    loaded = rss_bytes()
+    assert loaded - before > 0.8 * weights, (before, loaded)
+    asleep = []
+    for _ in range(5):
+        encoder.release_weights("unload")
+        asleep.append(rss_bytes())
+        encoder.restore_weights("unload")
+        for got, reference in zip(vectors(), expected, strict=True):
+            np.testing.assert_array_equal(got, reference)
+    assert loaded - asleep[0] > 0.8 * weights, (before, loaded, asleep)
+    assert asleep[0] - before < 0.15 * weights, (before, loaded, asleep)  # back near where it was before loading
+    assert max(asleep) - asleep[0] < 0.1 * weights, asleep  # no growth from cycle to cycle
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hold", [False, True])
+def test_sigterm_while_asleep_or_held_exits_cleanly(tiny_zimage: Path, tmp_path: Path, hold: bool) -> None:
+    log = tmp_path / "server.log"
+    with service_process("qwen3_embed.py", tiny_zimage, log, "--idle-sleep-s", "0.5") as (process, url):
+        deadline = time.monotonic() + 30
+        while state(url) != "asleep":  # the flag reached the service
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        if hold:
+            assert requests.post(url + "/admin/sleep", json={"hold": True}, timeout=30).json()["state"] == "held"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text and "model asleep (idle, unload)" in text, text
+
+
+def test_ray_serve_refuses_the_admin_routes_and_says_why(tiny_zimage: Path) -> None:
+    from cluster.serve import refuse_admin_routes
+
+    app = text_app(tiny_zimage, api_key="secret")
+    refuse_admin_routes(app)
+    with serving(app) as client:
+        assert_error(client.post("/admin/sleep"), 401, "invalid_api_key")  # the guard still comes first
+        for path in ("/admin/sleep", "/admin/wake"):
+            error = assert_error(
+                client.post(path, headers={"Authorization": "Bearer secret"}), 501, "not_supported_under_serve"
+            )
+            assert "min_replicas: 0" in error["message"]
+        assert state(client) == "awake"
