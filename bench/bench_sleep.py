@@ -2,6 +2,7 @@
 
     python -m bench.bench_sleep cycles [--model so400m|qwen3-4layers|siglip-300mb|PATH] [--cycles 20]
     python -m bench.bench_sleep service [--model siglip-300mb] [--cycles 15]
+    python -m bench.bench_sleep gpu                  # on a CUDA machine: both full-size models, bf16, both modes
 
 ``cycles`` runs the service's own model and sleep code in this process, on the CPU in float32 (``unload``, the CPU's
 mode): process RSS before the model loads, loaded, asleep, and after every sleep/wake cycle; the wake's time; the
@@ -13,6 +14,10 @@ first request after a sleep (wake included) against a request to the awake model
 deployment sees: it sleeps after 2 s idle and its RSS drops by most of the weights' size; a burst of 30 requests to
 the sleeping service is answered with the pre-sleep vectors after one wake; a hold makes the indexer wait and it
 finishes after the wake with every photo indexed once; ``--cycles`` sleep/wake cycles do not grow the RSS.
+
+``gpu`` loads so400m-512 and Qwen3-4B (random weights, bfloat16) one at a time and reports, awake and asleep in
+both modes, ``torch.cuda.memory_reserved()`` and the driver's used memory (``torch.cuda.mem_get_info``: what the
+generator can have), and the wake's time.
 """
 
 from __future__ import annotations
@@ -248,15 +253,57 @@ def run_service(model: Path, cycles: int) -> list[str]:
     return lines
 
 
+def run_gpu(cycles: int) -> list[str]:
+    device = torch.device("cuda", 0)
+    lines = []
+    for kind in ("so400m", "qwen3-4b"):
+        model = bench_model(kind, REPO / "bench" / "out" / "models", "cpu")
+        for mode in ("offload", "unload"):
+            if "qwen3" in kind:
+                from qwen3_embed import Qwen3Encoder
+
+                encoder: Any = Qwen3Encoder(str(model), device, torch.bfloat16)
+            else:
+                from siglip2_embed import Siglip2Encoder
+
+                encoder = Siglip2Encoder(str(model), device, torch.bfloat16)
+            encoder.embed_texts(["warm-up"])
+            torch.cuda.synchronize()
+
+            def used() -> str:
+                free, total = torch.cuda.mem_get_info()
+                return f"reserved {mb(torch.cuda.memory_reserved())}, driver used {mb(total - free)}"
+
+            awake = used()
+            wakes = []
+            for _ in range(cycles):
+                encoder.release_weights(mode)
+                asleep = used()
+                started = time.perf_counter()
+                encoder.restore_weights(mode)
+                torch.cuda.synchronize()
+                wakes.append(time.perf_counter() - started)
+            lines.append(
+                f"{kind} {mode}: awake {awake}; asleep {asleep}; wake median {statistics.median(wakes):.2f} s "
+                f"(min {min(wakes):.2f}, max {max(wakes):.2f})"
+            )
+            del encoder
+            torch.cuda.empty_cache()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["cycles", "service"])
+    parser.add_argument("scenario", choices=["cycles", "service", "gpu"])
     parser.add_argument("--model", default=None, help="so400m, qwen3-4layers, siglip-300mb or a folder")
     parser.add_argument("--cycles", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     kind = args.model or ("so400m" if args.scenario == "cycles" else "siglip-300mb")
     model = Path(kind) if Path(kind).is_dir() else bench_model(kind, REPO / "bench" / "out" / "models", "cpu")
+    if args.scenario == "gpu":
+        print("\n".join(run_gpu(args.cycles or 5)))
+        return
     if args.scenario == "cycles":
         lines = asyncio.run(run_cycles(kind, model, args.cycles or 20))
     else:
