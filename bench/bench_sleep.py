@@ -43,6 +43,7 @@ from bench.models import bench_model
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
+MODELS = REPO / "bench" / "out" / "models"
 
 
 def rss_of(pid: int | str = "self") -> int:
@@ -81,9 +82,10 @@ def build_service(kind: str, model: Path) -> tuple[Any, int]:
     return service, weights
 
 
-def a_request(service: Any) -> Any:
-    """One request as the service's main route gets it: an image on the image service, a caption on the text one."""
-    if "image" in service.modalities:
+def a_request(service: Any, images: bool) -> Any:
+    """One request: a caption (both services), or a photo (the image service; on this CPU a so400m image takes tens
+    of seconds, which would hide the wake)."""
+    if images:
         from tests.helpers import image_bytes, photo_like
 
         photo = image_bytes(photo_like(640, 480), "JPEG", quality=90)
@@ -91,13 +93,13 @@ def a_request(service: Any) -> Any:
     return lambda: service.embed_texts(["a photo of a cat sitting in the sun on a red chair"], True)
 
 
-async def run_cycles(kind: str, model: Path, cycles: int) -> list[str]:
+async def run_cycles(kind: str, model: Path, cycles: int, images: bool) -> list[str]:
     before = rss_of()
     started = time.perf_counter()
     service, weights = await asyncio.to_thread(build_service, kind, model)
     load_s = time.perf_counter() - started
     await service.start()
-    request = a_request(service)
+    request = a_request(service, images)
     expected = await request()
     loaded = rss_of()
     awake_s = []
@@ -120,7 +122,8 @@ async def run_cycles(kind: str, model: Path, cycles: int) -> list[str]:
     awake = statistics.median(awake_s)
     first = statistics.median(first_s)
     return [
-        f"model {kind}: {weights / 1e6:,.0f} MB of float32 weights; CPU, unload; loaded in {load_s:.1f} s",
+        f"model {kind}: {weights / 1e6:,.0f} MB of float32 weights; CPU, unload; loaded in {load_s:.1f} s; "
+        f"requests: one {'photo' if images else 'caption'}",
         f"RSS before the model loads  {mb(before)}",
         f"RSS loaded                  {mb(loaded)}  (+{mb(loaded - before)})",
         f"RSS asleep (1st sleep)      {mb(asleep_rss[0])}  ({(loaded - asleep_rss[0]) / weights:.0%} of the weights "
@@ -179,11 +182,16 @@ def run_service(model: Path, cycles: int) -> list[str]:
                 return requests.post(url + "/embed/text", json={"text": text}, timeout=120)
 
             before = [np.asarray(post(text).json()["embedding"]) for text in texts]
+            # An image too: a float32 file's weights are mapped from it, and count in the RSS once they are read.
+            photo = {"file": ("photo.jpg", image_bytes(photo_like(320, 240), "JPEG"))}
+            requests.post(url + "/embed/image", files=photo, timeout=120).raise_for_status()
             loaded = rss_of(process.pid)
             idle_started = time.monotonic()
             slept_after = wait_for(lambda: state(url) == "asleep", 60, "the idle sleep")
             asleep = rss_of(process.pid)
             info = requests.get(url + "/info", timeout=10).json()
+            weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+            lines.append(f"model {model.name}: {mb(weights)} of weights (float32)")
             lines.append(
                 f"idle sleep: asleep {time.monotonic() - idle_started:.1f} s after the last request (--idle-sleep-s 2;"
                 f" /health said so after {slept_after:.1f} s of polling); RSS {mb(loaded)} -> {mb(asleep)} "
@@ -257,7 +265,7 @@ def run_gpu(cycles: int) -> list[str]:
     device = torch.device("cuda", 0)
     lines = []
     for kind in ("so400m", "qwen3-4b"):
-        model = bench_model(kind, REPO / "bench" / "out" / "models", "cpu")
+        model = bench_model(kind, MODELS, "cpu")
         for mode in ("offload", "unload"):
             if "qwen3" in kind:
                 from qwen3_embed import Qwen3Encoder
@@ -297,15 +305,22 @@ def main() -> None:
     parser.add_argument("scenario", choices=["cycles", "service", "gpu"])
     parser.add_argument("--model", default=None, help="so400m, qwen3-4layers, siglip-300mb or a folder")
     parser.add_argument("--cycles", type=int, default=None)
+    parser.add_argument("--images", action="store_true", help="cycles: time a photo request instead of a caption")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     kind = args.model or ("so400m" if args.scenario == "cycles" else "siglip-300mb")
-    model = Path(kind) if Path(kind).is_dir() else bench_model(kind, REPO / "bench" / "out" / "models", "cpu")
+    model = Path(kind)
+    if not model.is_dir():
+        # Built in a child process: building leaves gigabytes in this process's allocator, which would count as
+        # "before the model loads".
+        build = f"from bench.models import bench_model, Path; bench_model({kind!r}, Path({str(MODELS)!r}), 'cpu')"
+        subprocess.run([sys.executable, "-c", build], cwd=REPO, check=True)
+        model = MODELS / kind
     if args.scenario == "gpu":
         print("\n".join(run_gpu(args.cycles or 5)))
         return
     if args.scenario == "cycles":
-        lines = asyncio.run(run_cycles(kind, model, args.cycles or 20))
+        lines = asyncio.run(run_cycles(kind, model, args.cycles or 20, args.images))
     else:
         lines = run_service(model, args.cycles or 15)
     print("\n".join(lines))
