@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -23,8 +23,12 @@ from pydantic import Field, field_validator
 
 from common.config import ServiceSettings, default_model
 from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
+from common.residency import SwappableWeights
 from common.server import ServiceDefinition
 from common.service import BatchedService
+
+if TYPE_CHECKING:
+    from transformers import Qwen3Model
 
 HUB_ID = "Tongyi-MAI/Z-Image-Turbo"
 LOCAL_PATH = "/mnt/hdd/models/Z-Image-Turbo"
@@ -101,7 +105,7 @@ def _is_zimage_layout(source: str) -> bool:
     return (root / "text_encoder").is_dir() or (root / "model_index.json").is_file()
 
 
-class Qwen3Encoder:
+class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
     """A Qwen3 text encoder with a pure batch method; no HTTP, no asyncio.
 
     Only the layers up to the requested hidden state are kept: for layer -2 the last decoder layer and the final
@@ -120,7 +124,7 @@ class Qwen3Encoder:
         compile_model: bool = False,
         compile_backend: str = "inductor",
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.zimage_layout = _is_zimage_layout(source)
         model_dir = {"subfolder": "text_encoder"} if self.zimage_layout else {}
@@ -144,17 +148,9 @@ class Qwen3Encoder:
         self.dtype = dtype
         self.recipe = recipe
         self.max_batch_tokens = max_batch_tokens
-
-        model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **model_dir)
-        if self.hidden_index < self.num_layers:
-            # Dead layers: nothing after hidden_states[hidden_index] contributes to the vector.
-            model.layers = model.layers[: self.hidden_index]
-            model.norm = torch.nn.Identity()
-        self.model = model.to(device).eval()
-        if compile_model:
-            # Batch size and padded length change from batch to batch; a batch of 1 still gets a graph of its own
-            # (sizes 0 and 1 are always specialised), so warm_up runs a padded batch of 2 as well.
-            self.model.compile(dynamic=True, backend=compile_backend)
+        self.compile_model = compile_model
+        self.compile_backend = compile_backend
+        self.model = self.load_model()
         self.dimension: int = config.hidden_size
         self.tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_dir)
         # Right padding keeps every real token at the same position as when the text is alone.
@@ -167,6 +163,23 @@ class Qwen3Encoder:
         not on the first multi-item batch of a live request."""
         self.embed_texts(["warm-up"])
         self.embed_texts(["warm-up", "a longer warm-up text, so that the batch is padded"])
+
+    def load_model(self) -> Qwen3Model:
+        """The weights from the folder onto the device (at start-up, and on a wake after an unload)."""
+        from transformers import AutoModel
+
+        model_dir = {"subfolder": "text_encoder"} if self.zimage_layout else {}
+        model = AutoModel.from_pretrained(self.source, dtype=self.dtype, attn_implementation="sdpa", **model_dir)
+        if self.hidden_index < self.num_layers:
+            # Dead layers: nothing after hidden_states[hidden_index] contributes to the vector.
+            model.layers = model.layers[: self.hidden_index]
+            model.norm = torch.nn.Identity()
+        model = model.to(self.device).eval()
+        if self.compile_model:
+            # Batch size and padded length change from batch to batch; a batch of 1 still gets a graph of its own
+            # (sizes 0 and 1 are always specialised), so warm_up runs a padded batch of 2 as well.
+            model.compile(dynamic=True, backend=self.compile_backend)
+        return model
 
     def format(self, text: str) -> str:
         if self.recipe.template == "none":

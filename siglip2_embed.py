@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,8 +31,12 @@ from common.loading import (
     read_checkpoint_floats,
     read_config,
 )
+from common.residency import SwappableWeights
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
+
+if TYPE_CHECKING:
+    from transformers import SiglipModel
 
 HUB_ID = "google/siglip2-so400m-patch16-512"
 LOCAL_PATH = "/mnt/hdd/models/siglip2-so400m-patch16-512"
@@ -54,7 +58,7 @@ class Siglip2Settings(ImageLimits, ServiceSettings):
     port: int = Field(6010, ge=1, le=65535, description="TCP port")
 
 
-class Siglip2Encoder:
+class Siglip2Encoder(SwappableWeights["SiglipModel"]):
     """A SigLIP checkpoint (``model_type "siglip"``) with pure batch methods; no HTTP, no asyncio."""
 
     def __init__(
@@ -66,7 +70,7 @@ class Siglip2Encoder:
         *,
         compile_backend: str = "inductor",
     ) -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
+        from transformers import AutoImageProcessor, AutoTokenizer
 
         config = read_config(
             source,
@@ -77,13 +81,9 @@ class Siglip2Encoder:
         self.source = source
         self.device = device
         self.dtype = dtype
-        self.model = SiglipModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
-        self.model = self.model.to(device).eval()  # type: ignore[arg-type]
-        if compile_model:
-            # Only the batch size varies (images are at the input size, text is padded to text_length). torch.compile
-            # specialises its first graph on it; the second batch size it sees makes it dynamic: warm_up runs both.
-            self.model.vision_model.compile(backend=compile_backend)
-            self.model.text_model.compile(backend=compile_backend)
+        self.compile_model = compile_model
+        self.compile_backend = compile_backend
+        self.model = self.load_model()
         self.dimension: int = config.vision_config.hidden_size
         # The pair-probability scalars in float32, as the checkpoint has them: cast to bfloat16 with the model, the
         # logit scale 4.7 would become 4.6875 (exp 1.2 % low) and every /similarity probability would be off.
@@ -116,6 +116,19 @@ class Siglip2Encoder:
         for count in (1, 2):
             self.embed_images([blank] * count)
             self.embed_texts(["warm-up"] * count)
+
+    def load_model(self) -> SiglipModel:
+        """The weights from the folder onto the device (at start-up, and on a wake after an unload)."""
+        from transformers import SiglipModel
+
+        model = SiglipModel.from_pretrained(self.source, dtype=self.dtype, attn_implementation="sdpa")
+        model = model.to(self.device).eval()  # type: ignore[arg-type]
+        if self.compile_model:
+            # Only the batch size varies (images are at the input size, text is padded to text_length). torch.compile
+            # specialises its first graph on it; the second batch size it sees makes it dynamic: warm_up runs both.
+            model.vision_model.compile(backend=self.compile_backend)
+            model.text_model.compile(backend=self.compile_backend)
+        return model
 
     def image_spec(self, max_pixels: int, jpeg_draft: bool, max_decoded_pixels: int) -> ImageSpec:
         return ImageSpec(self.input_height, self.input_width, self.resample, max_pixels, jpeg_draft, max_decoded_pixels)

@@ -86,12 +86,14 @@ def build_random_so400m(out: Path, device: str) -> Path:
     return out
 
 
-def build_random_qwen3_4b(out: Path, device: str) -> Path:
-    """Qwen3-4B with random weights in the Z-Image layout (text_encoder/ + tokenizer/)."""
+def build_random_qwen3_4b(out: Path, device: str, layers: int = QWEN3_4B["num_hidden_layers"]) -> Path:
+    """Qwen3-4B with random weights in the Z-Image layout (text_encoder/ + tokenizer/); ``layers`` cuts it to fewer
+    decoder layers of the same size (a machine that does not hold the whole model)."""
     if (out / "text_encoder" / "config.json").exists():
         return out
+    config = {**QWEN3_4B, "num_hidden_layers": layers}
     with torch.device(device):
-        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B, architectures=["Qwen3ForCausalLM"]))
+        model = Qwen3ForCausalLM(Qwen3Config(**config, architectures=["Qwen3ForCausalLM"]))
         model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out / "text_encoder")
     qwen2_tokenizer(append_eos=False).save_pretrained(out / "tokenizer")
@@ -100,12 +102,17 @@ def build_random_qwen3_4b(out: Path, device: str) -> Path:
 
 
 def bench_model(kind: str, cache: Path, device: str) -> Path:
-    """``tiny`` / ``tiny-512`` (real input size, very light tower) / ``so400m`` / ``qwen3-4b``."""
+    """``tiny`` / ``tiny-512`` (real input size, very light tower) / ``so400m`` / ``qwen3-4b`` / ``qwen3-4layers``
+    (Qwen3-4B's layers, 4 of them) / ``siglip-300mb`` (a SigLIP of 75 M parameters: 300 MB in float32)."""
     builders = {
         "tiny-512": lambda out: build_tiny_siglip(out, image_size=512) if not (out / "config.json").exists() else out,
         "tiny-zimage": lambda out: build_tiny_zimage(out) if not (out / "model_index.json").exists() else out,
         "so400m": lambda out: build_random_so400m(out, device),
         "qwen3-4b": lambda out: build_random_qwen3_4b(out, device),
+        "qwen3-4layers": lambda out: build_random_qwen3_4b(out, device, layers=4),
+        "siglip-300mb": lambda out: (
+            build_tiny_siglip(out, image_size=224, hidden_size=1536) if not (out / "config.json").exists() else out
+        ),
     }
     return builders[kind](cache / kind)
 

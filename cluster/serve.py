@@ -22,6 +22,12 @@ The builders' ``args`` are the services' settings, under the names of their flag
 ``max-batch-size``); what they leave out comes from the same environment variables as the standalone services
 (``SIGLIP2_MODEL``, ``EMBED_API_KEY``, ...), read where the application is built. Replica counts and resources are
 Serve's deployment options: the ``deployments:`` section of a config file, or ``application(..., **options)``.
+
+Sleeping. ``idle_sleep_s`` works in each replica as in a standalone service (the replica's model sleeps when idle
+and the next request routed to it wakes it). ``POST /admin/sleep`` and ``/admin/wake`` are refused (501): behind
+Serve's router they would reach one replica of several, chosen by the router. Scaling to zero is Serve's way to
+free the GPU: ``autoscaling_config: {min_replicas: 0, ...}``, which ends the replicas' processes, CUDA context
+included.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from common.api.app import Runtime
 from common.api.middleware import app_path
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel
+from common.errors import EmbedError
 from common.server import ServiceDefinition, configure_logging
 
 logger = logging.getLogger(__name__)
@@ -59,6 +66,9 @@ NOT_USED_UNDER_SERVE = {
     "port": "the HTTP port is Serve's (http_options.port in the config, or serve start --http-port)",
     "log_file": "each replica logs to Ray's log folder (/tmp/ray/session_latest/logs/serve/ and worker-*.err)",
 }
+
+# The routes that sleep and wake one process's model on demand (refused here: see the module docstring).
+ADMIN_PATHS = ("/admin/sleep", "/admin/wake")
 
 # How often a starting replica looks at whether its model has loaded.
 READY_POLL_S = 0.05
@@ -111,6 +121,26 @@ def settings_from_args(name: str, args: Mapping[str, Any]) -> ServiceSettings:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ValueError(f"{name}: invalid setting: {problems}") from None
     return settings
+
+
+class AdminRouteUnderServe(EmbedError, status=501, type="invalid_request_error", code="not_supported_under_serve"):
+    """Sleep and wake on demand, asked of a deployment behind Serve's router."""
+
+
+def refuse_admin_routes(app: FastAPI) -> None:
+    """Answer ``/admin/sleep`` and ``/admin/wake`` with a refusal that says what to use instead, matched before the
+    service's own routes; the refusal goes through the app's guard (API key), access log and error envelope."""
+
+    async def refuse() -> None:
+        raise AdminRouteUnderServe(
+            "sleep and wake on demand are not available under Ray Serve: they would act on one replica, chosen by "
+            "the router. To free the GPU, let Serve scale the deployment to zero (autoscaling_config: "
+            "min_replicas: 0); idle_sleep_s still puts each replica's model to sleep when it is idle"
+        )
+
+    for path in ADMIN_PATHS:
+        app.add_api_route(path, refuse, methods=["POST"], include_in_schema=False)
+        app.router.routes.insert(0, app.router.routes.pop())
 
 
 class ProxyAddsRequestId:
@@ -202,6 +232,7 @@ class EmbeddingReplica:
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve after ``__init__``; Serve then runs the app's lifespan (which loads the model)."""
         app = self.definition.build_app(self.settings, load=self._load)
+        refuse_admin_routes(app)
         self.runtime = app.state.runtime
         self._start_only_once_loaded(app, app.state.runtime)
         app.add_middleware(HealthWaitsForEveryReplica)

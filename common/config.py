@@ -93,6 +93,16 @@ class ServiceSettings(BaseSettings):
         10.0, gt=0, description="time a connection has to send a complete request line and headers (then closed)"
     )
     body_timeout_s: float = Field(60.0, gt=0, description="time a client has to send the whole request body (408)")
+    # Sleeping: the model's memory goes back to the system while it is not used (the GPU is shared with an image
+    # generator), and comes back with the next request.
+    idle_sleep_s: float = Field(
+        0.0, ge=0, description="after this many seconds with no request waiting or running, the model sleeps; 0: never"
+    )
+    sleep_mode: Literal["auto", "offload", "unload"] = Field(
+        "auto",
+        description="offload: weights to host memory, a wake is a copy; unload: weights dropped, a wake reloads them "
+        "from the folder; auto: offload on CUDA, unload elsewhere",
+    )
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM/SIGINT/SIGHUP, time to finish queued requests; the rest get 503"
     )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.batching import MicroBatcher
 from common.config import Modality, ServiceSettings
+from common.residency import Residency
 
 # Raw base64 or a data:image/... URI (JSON routes), or the bytes of an uploaded file (multipart routes).
 EncodedImage = bytes | str
@@ -52,6 +53,8 @@ class EmbeddingModel(Protocol):
     healthy: bool
     # Every batcher that feeds the model, so the app can export their queue depths and batch sizes.
     batchers: list[MicroBatcher[Any, Any]]
+    # Whether the weights are on the device; sleeps when idle or asked, wakes on the next request.
+    residency: Residency
 
     @property
     def settings(self) -> ServiceSettings:

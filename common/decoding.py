@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import threading
 import traceback
@@ -27,30 +25,11 @@ import numpy as np
 
 from common.contract import EncodedImage
 from common.images import SMALL_IMAGE_PIXELS, ImageSpec, OpenedImage, finish_image, open_encoded_image
+from common.memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    library = ctypes.util.find_library("c")
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(library).malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to trim
-        return None
-    return trim
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Hand memory freed by a large decode back to the system: glibc serves PIL's 16 MB blocks from its arenas once
-    it has seen a large free, and keeps them after they are freed (RSS stayed 370 MB above its start after one
-    100 MP RGBA decode)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 class PixelBudget:

@@ -108,6 +108,10 @@ class OutOfMemory(EmbedError, status=503, code="out_of_memory"):
 class NotReady(EmbedError, status=503, code="not_ready"): ...
 
 
+class Asleep(EmbedError, status=503, code="asleep"):
+    """The model is held asleep on demand (its GPU lent to another program) until it is woken."""
+
+
 class TooManyConnections(EmbedError, status=503, code="too_many_connections"): ...
 
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+if TYPE_CHECKING:
+    from common.residency import Event, Reason, Residency
+
+# A wake is a copy from host memory (well under a second) or a load from the page cache or disk (seconds).
+WAKE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -36,6 +42,14 @@ class Metrics:
         self.queue_depth = Gauge("embed_queue_depth", "Items waiting for the model", ["batcher"], registry=r)
         self.load_seconds = Gauge("embed_model_load_seconds", "Model load and warm-up time", registry=r)
         self.ready = Gauge("embed_ready", "1 when requests are served", registry=r)
+        self.model_state = Gauge(
+            "embed_model_state", "1 for the model's state: awake, asleep, waking or held", ["state"], registry=r
+        )
+        self.sleeps = Counter(
+            "embed_sleeps", "Times the model went to sleep, by reason (idle, admin)", ["reason"], registry=r
+        )
+        self.wakes = Counter("embed_wakes", "Times the model woke, by reason (request, admin)", ["reason"], registry=r)
+        self.wake_seconds = Histogram("embed_wake_seconds", "Time a wake took", buckets=WAKE_BUCKETS, registry=r)
         self.gpu_memory = Gauge("embed_gpu_memory_bytes", "CUDA memory held by this process", ["kind"], registry=r)
 
     def observe_batch(self, batcher: str, size: int, waits: list[float], seconds: float) -> None:
@@ -47,6 +61,20 @@ class Metrics:
 
     def watch_queue(self, batcher: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(batcher).set_function(depth)
+
+    def watch_residency(self, residency: Residency) -> None:
+        from common.residency import STATES
+
+        for state in STATES:
+            self.model_state.labels(state).set_function(lambda s=state: float(residency.state == s))  # type: ignore[misc]
+        residency.observer = self.observe_residency
+
+    def observe_residency(self, event: Event, reason: Reason, seconds: float) -> None:
+        if event == "sleep":
+            self.sleeps.labels(reason).inc()
+        else:
+            self.wakes.labels(reason).inc()
+            self.wake_seconds.observe(seconds)
 
     def watch_gpu_memory(self) -> None:
         import torch

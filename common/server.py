@@ -23,7 +23,7 @@ from typing import Generic
 import uvicorn
 from fastapi import APIRouter, FastAPI
 
-from common.api import image_routes, text_routes
+from common.api import admin_routes, image_routes, text_routes
 from common.api.app import Runtime, create_app
 from common.config import ServiceSettings, SettingsT, load_settings
 from common.contract import EmbeddingModel
@@ -73,7 +73,7 @@ class ServiceDefinition(Generic[SettingsT]):
 
     def routers(self) -> Sequence[APIRouter]:
         takes_images = "image" in self.settings_cls.modalities
-        return [text_routes.router, *([image_routes.router] if takes_images else [])]
+        return [text_routes.router, *([image_routes.router] if takes_images else []), admin_routes.router]
 
     def build_app(self, settings: SettingsT, load: Callable[[], EmbeddingModel] | None = None) -> FastAPI:
         """The FastAPI app; ``load`` replaces model loading in tests (a tiny real model, wrapped or not)."""

@@ -27,6 +27,7 @@ from common.errors import (
 )
 from common.formats import is_image_data_uri
 from common.loading import has_random_weights
+from common.residency import Releasable, Residency, pick_sleep_mode
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ Out = TypeVar("Out")
 FAILURES_BEFORE_UNHEALTHY = 3
 
 
-class TextEncoder(Protocol):
-    """The pure batch methods of an encoder that reads text (every model here does)."""
+class TextEncoder(Releasable, Protocol):
+    """The pure batch methods of an encoder that reads text (every model here does), and how its weights sleep."""
 
     source: str  # the folder the weights were loaded from
     device: torch.device
@@ -70,6 +71,14 @@ class BatchedService:
         self.healthy = True
         self._failures_in_a_row = 0
         self.text_batcher: MicroBatcher[str, np.ndarray] = self.make_batcher(encoder.embed_texts, "texts")
+        # Sleeps and wakes run on the model's worker too, between batches.
+        self.residency = Residency(
+            encoder,
+            self.model_worker,
+            mode=pick_sleep_mode(settings.sleep_mode, encoder.device),
+            idle_sleep_s=settings.idle_sleep_s,
+            timeout_s=settings.request_timeout_s,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -128,8 +137,10 @@ class BatchedService:
     async def start(self) -> None:
         for batcher in self.batchers:
             batcher.start()
+        self.residency.start()
 
     async def stop(self) -> None:
+        await self.residency.stop()
         for batcher in self.batchers:
             await batcher.stop()
         self.model_worker.shutdown(wait=True)
@@ -183,14 +194,19 @@ class BatchedService:
 
     # -- embedding ----------------------------------------------------------------------------------------------
 
+    # Each request's work is "in use" of the model: checked first (a bad request never wakes a sleeping model),
+    # then the model is woken if it sleeps, and the idle timer waits until the request is done.
+
     async def embed_texts(self, texts: Sequence[str], normalize: bool) -> np.ndarray:
         self.check_texts(texts)
-        return await self._embed_checked_texts(texts, normalize)
+        async with self.residency.in_use():
+            return await self._embed_checked_texts(texts, normalize)
 
     async def embed_images(self, images: Sequence[EncodedImage], normalize: bool) -> np.ndarray:
         self._require_images()
         self.check_count(len(images), "images")
-        return await self._embed_checked_images(images, normalize)
+        async with self.residency.in_use():
+            return await self._embed_checked_images(images, normalize)
 
     async def embed_texts_and_images(
         self, texts: Sequence[str], images: Sequence[EncodedImage]
@@ -199,9 +215,10 @@ class BatchedService:
         self._require_images()
         self.check_texts(texts)
         self.check_count(len(images), "images")
-        text_vectors, image_vectors = await asyncio.gather(
-            self._embed_checked_texts(texts, True), self._embed_checked_images(images, True)
-        )
+        async with self.residency.in_use():
+            text_vectors, image_vectors = await asyncio.gather(
+                self._embed_checked_texts(texts, True), self._embed_checked_images(images, True)
+            )
         return text_vectors, image_vectors
 
     async def embed_inputs(self, inputs: Sequence[str], normalize: bool) -> tuple[np.ndarray, int]:
@@ -213,6 +230,13 @@ class BatchedService:
         text_rows = sorted(set(range(len(inputs))) - set(image_rows))
         texts = [inputs[i] for i in text_rows]
         self._check_text_contents(texts)
+        async with self.residency.in_use():
+            return await self._embed_checked_inputs(inputs, image_rows, text_rows, normalize)
+
+    async def _embed_checked_inputs(
+        self, inputs: Sequence[str], image_rows: list[int], text_rows: list[int], normalize: bool
+    ) -> tuple[np.ndarray, int]:
+        texts = [inputs[i] for i in text_rows]
         vectors = np.empty((len(inputs), self.dimension), dtype=np.float32)
         tokens = 0
         if image_rows:

@@ -1,6 +1,7 @@
 """The command line, ``python -m embed_client index PHOTO_DIR --out vectors.parquet``: arguments, the summary it
 prints, and its exit codes (0 done, 1 refused (wrong service, output of another model, output locked, API key) or
-service error or unreachable, 2 bad arguments, 130 interrupted)."""
+service error or unreachable, 2 bad arguments, 130 interrupted). ``python -m embed_client sleep|wake --url URL
+[--hold]`` frees a service's GPU for another program and gives it back (0 done, 1 service error or unreachable)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="follow links to files and folders out of PHOTO_DIR (default: list them, do not read them)",
     )
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for name, summary in (
+        ("sleep", "free the service's model memory now (GPU or RAM); the next request wakes it, unless --hold"),
+        ("wake", "bring the model back now and end a hold; returns once it serves"),
+    ):
+        command = commands.add_parser(name, help=summary, description=summary)
+        command.add_argument("--url", default="http://127.0.0.1:6010", help="the service (default %(default)s)")
+        command.add_argument("--api-key", default=None, help="Bearer key; default: the EMBED_API_KEY variable")
+        command.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+        if name == "sleep":
+            command.add_argument(
+                "--hold",
+                action="store_true",
+                help="keep it asleep: embedding requests get 503 'asleep' (clients wait) until 'wake'",
+            )
     return parser
+
+
+def _sleep_or_wake(args: argparse.Namespace) -> int:
+    api_key = args.api_key or os.environ.get("EMBED_API_KEY")
+    with EmbedClient(args.url, api_key=api_key, timeout=args.timeout) as client:
+        try:
+            done = client.sleep(hold=args.hold) if args.command == "sleep" else client.wake()
+        except EmbedClientError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 1
+    sys.stdout.write(f"{args.url}: {done['state']} ({done['seconds']:.2f} s)\n")
+    return 0
 
 
 def _report(summary: IndexSummary, out: Path) -> None:
@@ -75,6 +102,8 @@ def _warn(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("sleep", "wake"):
+        return _sleep_or_wake(args)
     if not args.photo_dir.is_dir():
         sys.stderr.write(f"error: {args.photo_dir} is not a folder\n")
         return 2

@@ -28,6 +28,9 @@ logger = logging.getLogger("embed_client")
 # Worth retrying: the queue is full (429), the model is loading or a request timed out (503), a proxy in between
 # lost the backend (502, 504). Anything else will fail the same way again.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# How long a request keeps waiting, by default, while the service's model is held asleep (503 "asleep": its GPU is
+# lent to an image generator): such answers are waited out without counting as retries, up to this long in all.
+DEFAULT_MAX_HOLD_S = 3600.0
 # When /info cannot tell (an older or foreign server), stay modest.
 DEFAULT_MAX_ITEMS = 32
 # Keep request bodies below the server's body limit with room for JSON around the items.
@@ -145,6 +148,16 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+def _is_held_asleep(response: requests.Response) -> bool:
+    """A 503 whose error code is ``asleep``: the model is held asleep on demand."""
+    if response.status_code != 503:
+        return False
+    try:
+        return bool(response.json()["error"]["code"] == "asleep")
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def _reason(exc: requests.RequestException) -> str:
     """The last part of requests' nested urllib3 message, e.g. ``[Errno 111] Connection refused``."""
     cause = getattr(exc.args[0], "reason", exc) if exc.args else exc
@@ -168,6 +181,7 @@ class EmbedClient:
         max_retries: int = 5,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        max_hold_s: float = DEFAULT_MAX_HOLD_S,
     ) -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key
@@ -176,6 +190,7 @@ class EmbedClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.max_hold_s = max_hold_s
         self.requests_sent = 0  # successful POSTs (embedding requests), for tests and statistics
         self._sleep: Callable[[float], None] = time.sleep
         self._local = threading.local()
@@ -255,6 +270,24 @@ class EmbedClient:
         if isinstance(modalities, list) and modality not in modalities:
             raise WrongService(self.url, str(info.get("model", "unknown model")), modalities, modality, point)
 
+    def sleep(self, hold: bool = False) -> dict[str, Any]:
+        """``POST /admin/sleep``: the service frees its model's memory (GPU or RAM) now, once the requests already
+        queued are done; ``hold``: and answers embedding requests with 503 ``asleep`` (which this client and the
+        indexer wait out) until ``wake``. Returns ``{"state", "seconds"}``."""
+        return self._admin("/admin/sleep", {"hold": hold})
+
+    def wake(self) -> dict[str, Any]:
+        """``POST /admin/wake``: ends a hold and loads the model back; returns ``{"state", "seconds"}`` once it
+        serves."""
+        return self._admin("/admin/wake", None)
+
+    def _admin(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        response = self._request("POST", path, body)
+        if not response.ok:
+            raise ServiceError.from_response(response)
+        result: dict[str, Any] = response.json()
+        return result
+
     def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Image files (paths) or encoded bytes -> ``(n, dimension)`` float32, in input order. ``WrongService``
         before anything is read or sent when the service does not embed images (the text-only service would read
@@ -329,8 +362,11 @@ class EmbedClient:
     def _request(
         self, method: str, path: str, body: Any = None, retry_statuses: frozenset[int] = RETRY_STATUSES
     ) -> requests.Response:
-        """One call, retried on connection errors and ``retry_statuses``; the last answer is returned as it is."""
+        """One call, retried on connection errors and ``retry_statuses``; the last answer is returned as it is. A
+        model held asleep is waited for up to ``max_hold_s`` on top, without counting as retries: the hold ends when
+        the program that borrowed the GPU is done."""
         attempt = 0
+        held_since: float | None = None
         while True:
             try:
                 response = self._session().request(method, self.url + path, json=body, timeout=self.timeout)
@@ -339,9 +375,16 @@ class EmbedClient:
                     raise ServiceUnreachable(f"cannot reach {self.url}{path}: {_reason(exc)}") from exc
                 delay, why = self._backoff(attempt), type(exc).__name__
             else:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if response.status_code in retry_statuses and _is_held_asleep(response):
+                    held_since = time.monotonic() if held_since is None else held_since
+                    if time.monotonic() - held_since < self.max_hold_s:
+                        delay = self._backoff(0) if retry_after is None else min(retry_after, self.max_backoff_s)
+                        logger.info("%s %s: the model is held asleep, waiting %.2f s", method, path, delay)
+                        self._sleep(delay)
+                        continue
                 if response.status_code not in retry_statuses or attempt >= self.max_retries:
                     return response
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 delay = self._backoff(attempt) if retry_after is None else min(retry_after, self.max_backoff_s)
                 why = f"HTTP {response.status_code}"
             logger.info("%s %s: %s, retry %d in %.2f s", method, path, why, attempt + 1, delay)

@@ -39,6 +39,7 @@ def test_the_request_shapes_existing_clients_use(client: TestClient) -> None:
         "device": "cpu",
         "modalities": ["text"],
         "tiny": True,
+        "state": "awake",
     }
 
 

@@ -39,6 +39,7 @@ def test_health_and_info(client: TestClient) -> None:
         "device": "cpu",
         "modalities": ["image", "text"],
         "tiny": True,
+        "state": "awake",
     }
     info = client.get("/info").json()
     assert info["dimension"] == 32 and info["dtype"] == "float32" and info["image"]["input_size"] == [64, 64]

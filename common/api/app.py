@@ -30,6 +30,8 @@ from common.contract import EmbeddingModel, ModelInfo
 from common.errors import NotReady, install_error_handlers
 from common.loading import WrongModel
 from common.metrics import Metrics
+from common.residency import SleepInfo
+from common.residency import State as ResidencyState
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class Runtime:
             for batcher in model.batchers:
                 batcher.observer = self.metrics.observe_batch
                 self.metrics.watch_queue(batcher.name, lambda b=batcher: b.queue_depth)  # type: ignore[misc]
+            self.metrics.watch_residency(model.residency)
             await model.start()
         except WrongModel as exc:
             logger.error("loading the model failed: %s", exc)  # a clear message; a traceback adds nothing
@@ -163,6 +166,7 @@ class ServiceInfo(ModelInfo, ServiceState):
     """/info once the model is loaded: the service's state and what the model says about itself."""
 
     load_seconds: float
+    sleep: SleepInfo
 
 
 class Health(BaseModel):
@@ -176,6 +180,7 @@ class Health(BaseModel):
     device: str
     modalities: list[Modality]
     tiny: bool = Field(description="true for the tiny random-weight test models: their vectors are meaningless")
+    state: ResidencyState = Field(description="where the weights are: awake, asleep, waking or held (200 in all four)")
 
 
 class HealthState(BaseModel):
@@ -199,7 +204,9 @@ service_router = APIRouter(tags=["service"])
 @service_router.get("/health", response_model=Health, responses={503: {"model": HealthState}})
 @service_router.head("/health", include_in_schema=False)
 async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
-    """200 only when a request would be served; 503 "loading" or "unhealthy" otherwise. Never needs a key."""
+    """200 only when a request would be served (a sleeping model is woken by it, so 200 while it sleeps too, with
+    its ``state``: a supervisor must not restart a sleeping service); 503 "loading" or "unhealthy" otherwise. Never
+    needs a key."""
     model = runtime.model
     if runtime.status != "ok" or model is None:
         return JSONResponse({"status": runtime.status}, status_code=503, headers={"Retry-After": "5"})
@@ -212,6 +219,7 @@ async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONRespon
         device=model.device,
         modalities=list(model.modalities),
         tiny=model.tiny,
+        state=model.residency.state,
     )
     return JSONResponse(body.model_dump())
 
@@ -237,7 +245,10 @@ async def info(runtime: Annotated[Runtime, Depends(runtime_of)]) -> ServiceInfo 
     if runtime.model is None:
         return state
     return ServiceInfo(
-        **state.model_dump(), **runtime.model.info().model_dump(), load_seconds=round(runtime.load_seconds or 0.0, 3)
+        **state.model_dump(),
+        **runtime.model.info().model_dump(),
+        load_seconds=round(runtime.load_seconds or 0.0, 3),
+        sleep=runtime.model.residency.info(),
     )
 
 
