@@ -26,8 +26,12 @@ from common.formats import is_image_data_uri, sniff_image_type
 logger = logging.getLogger("embed_client")
 
 # Worth retrying: the queue is full (429), the model is loading or a request timed out (503), a proxy in between
-# lost the backend (502, 504). Anything else will fail the same way again.
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# lost the backend (502, 504), or a server error (500), which is what a request in flight on a Ray Serve replica
+# that dies gets. Embedding is idempotent, so a retry is safe. Anything else will fail the same way again.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A 500 is retried at most this many times (with the same backoff): one that an item causes every time must not
+# cost the indexer a long wait per chunk before it looks for the item.
+SERVER_ERROR_RETRIES = 2
 # When /info cannot tell (an older or foreign server), stay modest.
 DEFAULT_MAX_ITEMS = 32
 # Keep request bodies below the server's body limit with room for JSON around the items.
@@ -339,7 +343,10 @@ class EmbedClient:
                     raise ServiceUnreachable(f"cannot reach {self.url}{path}: {_reason(exc)}") from exc
                 delay, why = self._backoff(attempt), type(exc).__name__
             else:
-                if response.status_code not in retry_statuses or attempt >= self.max_retries:
+                retries = (
+                    min(self.max_retries, SERVER_ERROR_RETRIES) if response.status_code == 500 else self.max_retries
+                )
+                if response.status_code not in retry_statuses or attempt >= retries:
                     return response
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 delay = self._backoff(attempt) if retry_after is None else min(retry_after, self.max_backoff_s)

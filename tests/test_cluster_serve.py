@@ -195,6 +195,13 @@ def replica_states(app: str, deployment_name: str | None = None) -> dict[str, in
     return {str(getattr(state, "value", state)): count for state, count in states.items()}
 
 
+def replica_status(app: str) -> str | None:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    return str(getattr(status.status, "value", status.status)) if status is not None else None
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     from ray import serve
 
@@ -235,17 +242,21 @@ def cluster(tiny_siglip: Path, tiny_zimage: Path, tmp_path_factory: pytest.TempP
     """Both applications started by ``python -m cluster.front`` on a local Ray, and stopped by its SIGTERM, which
     must stop Serve too."""
     import ray
+    from ray import serve
 
     port, serve_port = free_port(), free_port()
     folder = tmp_path_factory.mktemp("serve")
     config_path = folder / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config_for_tests(tiny_zimage, port, replicas=2, num_cpus=0.25)))
-    ray.init(
-        num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=400 * 1024 * 1024, log_to_driver=False
-    )
-    address = ray.get_runtime_context().gcs_address
-    # The front door reads the applications' settings as their builders do: the same environment.
+    # The model from SIGLIP2_MODEL, read where Ray builds the application and by the front door: both inherit this
+    # process's environment.
     env = {**os.environ, "SIGLIP2_MODEL": str(tiny_siglip)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SIGLIP2_MODEL", str(tiny_siglip))
+        ray.init(
+            num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=400 * 1024 * 1024, log_to_driver=False
+        )
+    address = ray.get_runtime_context().gcs_address
     command = front_door_command(config_path, "--address", address, "--serve-port", str(serve_port))
     with open(folder / "front.log", "wb") as log:
         front = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -257,6 +268,8 @@ def cluster(tiny_siglip: Path, tiny_zimage: Path, tmp_path_factory: pytest.TempP
             assert front.poll() is None, (folder / "front.log").read_text()[-3000:]
             with contextlib.suppress(requests.ConnectionError):  # the front door is not listening yet
                 startup.append(health_now(base + "/siglip2"))
+            failed = [app for app in ("siglip2", "qwen3") if replica_status(app) == "DEPLOY_FAILED"]
+            assert not failed, f"{failed} failed to deploy: {serve.status()}"
             return all(replica_states(app).get("RUNNING", 0) == 2 for app in ("siglip2", "qwen3"))
 
         wait_for(running, timeout=240, what="both applications to run 2 replicas")
