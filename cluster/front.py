@@ -455,7 +455,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="deploy even if the cluster has fewer CPUs or GPUs than the replicas ask for (an autoscaling cluster)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.front_door_only and not args.address:
+        parser.error("--front-door-only needs --address: the Ray cluster whose Serve proxy it stands before")
+    return args
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
