@@ -310,7 +310,7 @@ def lowest_cosine() -> float:
         return dict(zip(table.column("path").to_pylist(), matrix, strict=True))
 
     standalone = vectors(OUT / "cluster-bench" / "standalone.parquet")
-    on_ray = vectors(OUT / "cluster-bench" / "ray-index" / "vectors")
+    on_ray = vectors(OUT / "cluster-bench" / "ray-index")  # OUT_DIR is the dataset of the vectors
     assert standalone.keys() == on_ray.keys()
     return min(float(standalone[path] @ on_ray[path]) for path in standalone)
 

@@ -4,13 +4,15 @@ service's ``POST /embed/image`` returns for each file, on a local Ray or on a ru
     python -m cluster.index_images SOURCE --out OUT_DIR [--model PATH_OR_ID] [--address auto|ray://HOST:10001]
         [--actors N] [--gpus-per-actor F] [--batch-size B] [--reindex]
 
-SOURCE is a local folder or any URI pyarrow reads (s3://bucket/photos, gs://..., file:///...). OUT_DIR gets
-``vectors/`` (the standalone indexer's columns) and ``failures/`` (path and reason of each file that could not be
-embedded); cluster/store.py describes the layout and why reruns and kills are safe. Files already in OUT_DIR with
-the same path, size, mtime, model and version are skipped; ``--reindex`` embeds everything again.
+SOURCE is a local folder or any URI pyarrow reads (s3://bucket/photos, gs://..., file:///...). A local folder is
+walked and its files read by the standalone indexer's own code (embed_client/files.py). OUT_DIR becomes a Parquet
+dataset of the vectors alone (the standalone indexer's columns); ``OUT_DIR.failures.parquet`` beside it lists each
+file that could not be embedded and why; cluster/store.py describes the layout and why reruns and kills are safe.
+Files already in OUT_DIR with the same path, size, mtime, model and version are skipped; ``--reindex`` embeds
+everything again.
 
 Ray prints its own progress. The last line on stdout is one JSON object:
-``{"embedded": N, "skipped": N, "failed": N, "removed": N, "seconds": S, "out": "OUT_DIR"}``.
+``{"embedded": N, "skipped": N, "failed": N, "removed": N, "seconds": S, "out": "OUT_DIR", "failures": "FILE"}``.
 Exit codes: 0 done (even with failed files), 1 the job failed (what finished is kept: rerun to carry on) or another
 run holds OUT_DIR, 2 bad arguments, 130 interrupted.
 """
@@ -31,11 +33,12 @@ from typing import Any
 import pyarrow.compute as pc
 import ray
 
-from cluster.pipeline import PoolOptions, embedding_dataset, read_image_spec
-from cluster.source import BadLocation, Source, SourceFile, list_images, open_source, unreadable
+from cluster.pipeline import PoolOptions, dataset_location, embedding_dataset, read_image_spec
+from cluster.source import BadLocation, Source, SourceFile, list_images, open_source
 from cluster.store import OutputStore, output_lock
 from common.loading import display_name
 from embed_client.__main__ import positive_int
+from embed_client.files import too_large_reason
 from embed_client.indexer import OutputLocked
 from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings
 
@@ -47,15 +50,16 @@ logger = logging.getLogger("cluster.index_images")
 class Summary:
     embedded: int  # vectors written in this run
     skipped: int  # files already in the output, unchanged
-    failed: int  # files that could not be embedded (listed in OUT_DIR/failures/)
+    failed: int  # what could not be embedded (listed in the failures file), and what the listing did not take
     removed: int  # rows of the previous output that the new one no longer has (file deleted, or changed and failed)
     seconds: float
     out: str  # OUT_DIR as an absolute path, or the URI
+    failures: str  # the failures file, in the same terms
     # Where the time went, in seconds from the start (logged, and read by the benchmark; not in the JSON line).
     phases: dict[str, float] = field(default_factory=dict)
 
     def json_line(self) -> str:
-        keys = ("embedded", "skipped", "failed", "removed", "seconds", "out")
+        keys = ("embedded", "skipped", "failed", "removed", "seconds", "out", "failures")
         return json.dumps({key: getattr(self, key) for key in keys})
 
 
@@ -111,11 +115,13 @@ def run(
     source = open_source(source_uri)
     with output_lock(out):
         store = OutputStore(out, display_name(settings.model), EMBEDDING_VERSION)
-        files = list_images(source)
-        plan = store.plan(files, reindex)
-        failures = unreadable(source, plan.todo)
-        failed_now = {f.rel for f, _ in failures}
-        todo = [f for f in plan.todo if f.rel not in failed_now]
+        listing = list_images(source)
+        files = listing.files
+        plan = store.plan(files, reindex, listing.unreadable_folders)
+        # Listed by their size, never read (the reader checks again on the open file), as the standalone indexer.
+        limit = settings.max_image_bytes
+        failures = [(f, too_large_reason(f.size, limit)) for f in plan.todo if f.size > limit]
+        todo = [f for f in plan.todo if f.size <= limit]
         reached("listed")
         logger.info(
             "%d images under %s: %d to embed, %d already indexed", len(files), source_uri, len(todo), plan.skipped
@@ -133,12 +139,22 @@ def run(
             pool = pool_options(actors, gpus_per_actor, cpus_per_actor, batch_size)
             embedded, more_failures = _embed(source, todo, settings, pool, store, reached)
             failures += more_failures
-        store.write_failures(failures)
-        kept = store.compact(files)
+        store.write_failures(failures, listing.problems)
+        kept = store.compact(files, listing.unreadable_folders)
         reached("compacted")
         removed = len(plan.indexed_paths) - int(pc.sum(pc.is_in(plan.indexed_paths, value_set=kept)).as_py() or 0)
         logger.info("phases (seconds from the start): %s", phases)
-        return Summary(embedded, plan.skipped, len(failures), removed, phases["compacted"], store.location, phases)
+        failed = len(failures) + len(listing.problems)
+        return Summary(
+            embedded,
+            plan.skipped,
+            failed,
+            removed,
+            phases["compacted"],
+            store.location,
+            store.failures_location,
+            phases,
+        )
 
 
 def _embed(
@@ -155,8 +171,8 @@ def _embed(
     else:
         spec = ray.get(ray.remote(read_image_spec).remote(settings))  # downloaded on a node, not on the driver
     reached("image spec read")
-    by_location = {f.location: f for f in todo}
-    seen: set[str] = set()
+    by_location = {dataset_location(source, f): f for f in todo}
+    seen: set[SourceFile] = set()
     embedded = 0
     failures: list[tuple[SourceFile, str]] = []
     dataset = embedding_dataset(source, todo, settings, spec, pool)
@@ -164,15 +180,15 @@ def _embed(
         if not seen:
             reached("first vectors")  # after the actors loaded the model
         files = [by_location[location] for location in batch["path"]]
-        seen.update(batch["path"])
+        seen.update(files)
         ok = batch["error"] == ""
         store.write_rows([f for f, good in zip(files, ok, strict=True) if good], batch["vector"][ok])
         embedded += int(ok.sum())
         failures += [(f, str(error)) for f, error in zip(files, batch["error"], strict=True) if error]
     reached("embedded")
     logger.debug("Ray Data's statistics:\n%s", dataset.stats())
-    # Ray's reader skips files deleted since the listing (ignore_missing_paths).
-    failures += [(f, "the file was deleted before it was read") for f in todo if f.location not in seen]
+    # Ray's reader skips objects deleted since the listing (ignore_missing_paths); local files are rows of their own.
+    failures += [(f, "the file was deleted before it was read") for f in todo if f not in seen]
     return embedded, failures
 
 
@@ -187,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cluster.index_images",
         description="Embed every image under SOURCE (a folder or a URI such as s3://bucket/photos) into OUT_DIR "
-        "with Ray Data: vectors/ (path, size, mtime, model, version, vector) and failures/ (path, reason). Reruns "
+        "with Ray Data: OUT_DIR becomes a Parquet dataset of the vectors (path, size, mtime, model, version, vector, "
+        "path_bytes); OUT_DIR.failures.parquet beside it lists what could not be embedded and why. Reruns "
         "embed only new or changed files. Model options not given here come from the image service's environment "
         "variables (SIGLIP2_MODEL, EMBED_DEVICE, EMBED_DTYPE, ...).",
     )

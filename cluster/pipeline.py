@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,6 +24,7 @@ import ray.data
 from cluster.source import Source, SourceFile
 from common.errors import EmbedError
 from common.images import ImageSpec, encoded_bytes, prepare_image
+from embed_client.files import read_or_reason
 
 if TYPE_CHECKING:
     from siglip2_embed import Siglip2Settings
@@ -81,19 +84,36 @@ def read_image_spec(settings: Siglip2Settings) -> ImageSpec:
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec: ImageSpec, max_bytes: int) -> dict[str, np.ndarray]:
-    """File bytes -> uint8 pixels at the input size, and an error message ("" when fine) per row. A file that does not
-    decode is one row's error, never the task's: the job goes on and the driver lists it as a failure."""
-    count = len(batch["path"])
+    """File bytes (as Ray's reader gives them) -> uint8 pixels at the input size, and an error message ("" when
+    fine) per row."""
+    return _decode(batch["path"], list(batch["bytes"]), spec, max_bytes)
+
+
+def read_and_decode_batch(batch: dict[str, np.ndarray], spec: ImageSpec, max_bytes: int) -> dict[str, np.ndarray]:
+    """Local files (paths as bytes) -> pixels and errors, read by the standalone indexer's reader: regular files
+    only, the size checked on the open file before anything is read, and a file that cannot be read (deleted, a
+    FIFO put in its place, no permission) is its row's error, never the task's."""
+    datas = [read_or_reason(Path(os.fsdecode(bytes(path))), max_bytes) for path in batch["path"]]
+    return _decode(batch["path"], datas, spec, max_bytes)
+
+
+def _decode(paths: np.ndarray, datas: Sequence[bytes | str], spec: ImageSpec, max_bytes: int) -> dict[str, np.ndarray]:
+    """A file that was not read (its entry is why) or does not decode is one row's error, never the task's: the job
+    goes on and the driver lists it as a failure."""
+    count = len(paths)
     pixels = np.zeros((count, spec.height, spec.width, 3), np.uint8)
     errors = np.full(count, "", dtype=object)
-    for row, data in enumerate(batch["bytes"]):
+    for row, data in enumerate(datas):
+        if isinstance(data, str):
+            errors[row] = data
+            continue
         try:
             pixels[row] = prepare_image(encoded_bytes(bytes(data), max_bytes), spec)
         except EmbedError as exc:  # the same code and message the service answers with
             errors[row] = f"{exc.code}: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop a million-file job
             errors[row] = f"internal_error: {type(exc).__name__}: {exc}"
-    return {"path": batch["path"], "pixels": pixels, "error": errors}
+    return {"path": paths, "pixels": pixels, "error": errors}
 
 
 class ImageEmbedder:
@@ -123,6 +143,12 @@ class ImageEmbedder:
         return {"path": batch["path"], "vector": vectors, "error": batch["error"]}
 
 
+def dataset_location(source: Source, file: SourceFile) -> str | bytes:
+    """How a file is named in the dataset's ``path`` column: a local path as its bytes (any name travels through
+    Arrow and back exactly), an object's location as it is."""
+    return os.fsencode(file.location) if source.is_local_folder else file.location
+
+
 def embedding_dataset(
     source: Source,
     files: list[SourceFile],
@@ -131,31 +157,40 @@ def embedding_dataset(
     pool: PoolOptions,
 ) -> ray.data.Dataset:
     """read -> decode (CPU tasks, fused with the read: the bytes never enter the object store) -> embed (actors).
-    Rows come out as {"path": file location, "vector": unit vector, "error": "" or why the file failed}."""
+    Rows come out as {"path": ``dataset_location``, "vector": unit vector, "error": "" or why the file failed}."""
     # The same resources for reading and decoding, so Ray Data fuses them into one task: the file bytes never enter
     # the object store. A memory figure that the actors do not share keeps Ray Data from also fusing the decoding
     # into the encoder actors (it does that on a CPU-only cluster when both ask for one CPU), which would decode in
     # the actors, one image at a time, instead of on every core.
     decode_resources: dict[str, Any] = {"num_cpus": 1, "memory": decode_memory(spec, files, pool.batch_size)}
-    dataset = ray.data.read_binary_files(
-        [f.location for f in files],
-        include_paths=True,
-        filesystem=source.filesystem,
-        # batch_size files per read task: the decoding gets whole blocks (see below), and this bounds its memory.
-        override_num_blocks=max(1, math.ceil(len(files) / pool.batch_size)),
-        **decode_resources,
-        # A file deleted since the listing is skipped, not a failed job; the driver reports it.
-        ignore_missing_paths=True,
-        # No file_extensions: the listing already kept only image extensions, case-insensitively, as the
-        # standalone indexer does.
-    )
-    dataset = dataset.map_batches(
-        partial(decode_batch, spec=spec, max_bytes=settings.max_image_bytes),
-        # Whole read blocks: Ray Data fuses a read only into a map without a batch size.
-        batch_size=None,
-        batch_format="numpy",
-        **decode_resources,
-    )
+    blocks = max(1, math.ceil(len(files) / pool.batch_size))  # batch_size files per task: bounds its memory
+    if source.is_local_folder:
+        # Local files are read in the decoding task by the standalone indexer's reader (see read_and_decode_batch):
+        # Ray's reader takes paths as text (a name that is not UTF-8 fails the listing) and reads a file whole,
+        # whatever it is, before anything can check it.
+        paths = ray.data.from_items([{"path": dataset_location(source, f)} for f in files], override_num_blocks=blocks)
+        read_decode = partial(read_and_decode_batch, spec=spec, max_bytes=settings.max_image_bytes)
+        dataset = paths.map_batches(read_decode, batch_size=None, batch_format="numpy", **decode_resources)
+    else:
+        dataset = ray.data.read_binary_files(
+            [f.location for f in files],
+            include_paths=True,
+            filesystem=source.filesystem,
+            # batch_size objects per read task: the decoding gets whole blocks (see below).
+            override_num_blocks=blocks,
+            **decode_resources,
+            # An object deleted since the listing is skipped, not a failed job; the driver reports it.
+            ignore_missing_paths=True,
+            # No file_extensions: the listing already kept only image extensions, case-insensitively, as the
+            # standalone indexer does.
+        )
+        dataset = dataset.map_batches(
+            partial(decode_batch, spec=spec, max_bytes=settings.max_image_bytes),
+            # Whole read blocks: Ray Data fuses a read only into a map without a batch size.
+            batch_size=None,
+            batch_format="numpy",
+            **decode_resources,
+        )
     constructor_kwargs: dict[str, Any] = {"settings": settings, "spec": spec}
     return dataset.map_batches(
         ImageEmbedder,

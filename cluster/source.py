@@ -4,13 +4,13 @@ file://, ...), with the size and mtime that decide whether a file is already ind
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pa_fs
 
-from embed_client.indexer import IMAGE_EXTENSIONS, scan_photos
+from embed_client.files import IMAGE_EXTENSIONS, scan_folder
 
 
 class BadLocation(ValueError):
@@ -19,10 +19,22 @@ class BadLocation(ValueError):
 
 @dataclass(frozen=True)
 class SourceFile:
-    rel: str  # POSIX path relative to SOURCE: the row's key, as the standalone indexer writes it
-    location: str  # the same file in the filesystem's own terms, as Ray's reader is given it
+    # POSIX path relative to SOURCE, as the OS gives it (a local name that is not UTF-8 holds surrogate escapes, as
+    # os.fsdecode gives it): the row's key, as the standalone indexer keys it.
+    rel: str
+    location: str  # the same file in the filesystem's own terms (a local path, the same way)
     size: int
     mtime: float
+
+
+@dataclass
+class Listing:
+    files: list[SourceFile]  # sorted by rel
+    # (path as shown, why): found but not taken, as the standalone indexer lists them (FIFOs, devices, links out
+    # of SOURCE, broken links, folders that cannot be listed). Object storage has none.
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    # rel paths of folders that could not be listed: their rows in the output are kept as they are.
+    unreadable_folders: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -30,10 +42,9 @@ class Source:
     uri: str  # as the user gave it
     filesystem: pa_fs.FileSystem
     root: str  # SOURCE in the filesystem's terms (no scheme, no trailing slash)
-
-    @property
-    def is_local_folder(self) -> bool:
-        return "://" not in self.uri
+    # A folder of this machine (a path or a file:// URI): walked and read by the standalone indexer's code, not
+    # through pyarrow's listing and Ray's reader (which take names as text and read a file whole, whatever it is).
+    is_local_folder: bool
 
 
 def open_source(uri: str) -> Source:
@@ -42,11 +53,11 @@ def open_source(uri: str) -> Source:
         folder = Path(uri).expanduser().resolve()
         if not folder.is_dir():
             raise BadLocation(f"{uri} is not a folder")
-        return Source(uri, pa_fs.LocalFileSystem(), str(folder))
+        return Source(uri, pa_fs.LocalFileSystem(), str(folder), is_local_folder=True)
     filesystem, root = filesystem_from_uri(uri)
     if filesystem.get_file_info(root).type != pa_fs.FileType.Directory:
         raise BadLocation(f"{uri} is not a folder or prefix that {filesystem.type_name} can list")
-    return Source(uri, filesystem, root)
+    return Source(uri, filesystem, root, is_local_folder=isinstance(filesystem, pa_fs.LocalFileSystem))
 
 
 def filesystem_from_uri(uri: str) -> tuple[pa_fs.FileSystem, str]:
@@ -65,13 +76,15 @@ def mtime_from_ns(ns: int) -> float:
     return float(seconds) + nanoseconds * 1e-9
 
 
-def list_images(source: Source) -> list[SourceFile]:
+def list_images(source: Source) -> Listing:
     """Every image under SOURCE by extension (any case), sorted by relative path."""
     if source.is_local_folder:
-        # The standalone indexer's own scan: the same files, the same mtimes, and symlinked folders not followed
-        # (pyarrow's local listing follows them, and a link to a parent folder would never end).
-        files = [SourceFile(p.rel, str(p.path), p.size, p.mtime) for p in scan_photos(Path(source.root))]
-        return sorted(files, key=lambda f: f.rel)
+        # The standalone indexer's own walker: the same files, the same mtimes, the same names (any bytes), links
+        # and folders treated the same (pyarrow's local listing follows linked folders, and a link to a parent
+        # folder would never end); the files are read by its reader too (cluster/pipeline.py).
+        scan = scan_folder(Path(source.root))
+        files = [SourceFile(p.rel, os.fsdecode(p.path), p.size, p.mtime) for p in scan.photos]
+        return Listing(sorted(files, key=lambda f: f.rel), scan.problems, scan.unreadable_folders)
     infos = source.filesystem.get_file_info(pa_fs.FileSelector(source.root, recursive=True))
     files = [
         SourceFile(
@@ -83,13 +96,4 @@ def list_images(source: Source) -> list[SourceFile]:
         for info in infos
         if info.type == pa_fs.FileType.File and os.path.splitext(info.base_name)[1].lower() in IMAGE_EXTENSIONS
     ]
-    return sorted(files, key=lambda f: f.rel)
-
-
-def unreadable(source: Source, files: list[SourceFile]) -> list[tuple[SourceFile, str]]:
-    """Local files this process may not read. Ray's reader fails a whole read task (and so the job) on one such file,
-    so they are reported as failures up front instead. Object stores have no such check: a read that still fails
-    after Ray's retries stops the job, and a rerun carries on from what was written."""
-    if not source.is_local_folder:
-        return []
-    return [(f, "cannot read the file: permission denied") for f in files if not os.access(f.location, os.R_OK)]
+    return Listing(sorted(files, key=lambda f: f.rel))

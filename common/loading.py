@@ -97,24 +97,36 @@ def resolve_model_source(
     if path.is_dir():
         return str(path)
     reason = "is not a local folder"
+    how = "Download it first"
     if _looks_like_hub_id(source):
-        from huggingface_hub import list_repo_files, snapshot_download  # heavy imports, only for hub ids
+        from huggingface_hub import constants, list_repo_files, snapshot_download  # heavy imports, only for hub ids
+
+        from common.hub import fail_fast_when_unreachable, unreachable_reason
 
         try:
             return str(snapshot_download(source, local_files_only=True))  # already in the HF cache
         except Exception:  # noqa: BLE001 - any failure means "not in the cache"
             reason = "is neither a local folder nor in the local Hugging Face cache"
         if download and not _offline():
+            fail_fast_when_unreachable()  # no network: the first failed connection says so, not five retries later
             try:
                 patterns = select_files(list_repo_files(source)) if select_files else None
                 logger.info("downloading %s from the Hugging Face hub (%s)", source, patterns or "all files")
                 return str(snapshot_download(source, allow_patterns=patterns))
             except Exception as exc:  # noqa: BLE001 - no network, no such repo, no access: all need the same help
-                reason += f", and downloading it failed ({type(exc).__name__})"
+                unreachable = unreachable_reason(exc)
+                if unreachable is None:
+                    reason += f", and downloading it failed ({type(exc).__name__})"
+                else:
+                    reason += (
+                        f", and the Hugging Face hub could not be reached to download it (no network? "
+                        f"{constants.ENDPOINT}: {unreachable})"
+                    )
+                    how = "Download it on a machine with network access and copy the folder to this one"
         elif _offline():
             reason += " (HF_HUB_OFFLINE is set, so nothing is downloaded)"
     raise ModelNotFound(
-        f"Model not found: {source!r} {reason}. Download it first, for example:\n\n{download_help}\n\n"
+        f"Model not found: {source!r} {reason}. {how}, for example:\n\n{download_help}\n\n"
         "then start the service with --model PATH (or the environment variable named in --help). "
         "To try the API without any weights, run ./start_all.sh --tiny."
     )

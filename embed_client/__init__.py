@@ -37,19 +37,16 @@ from embed_client.client import (
 
 if TYPE_CHECKING:
     from embed_client.__main__ import build_parser, main
+    from embed_client.files import PhotoFile, Scan, scan_folder, scan_photos
     from embed_client.indexer import (
         IndexMismatch,
         IndexRefused,
         IndexSummary,
         OutputLocked,
         ParquetIndex,
-        PhotoFile,
-        Scan,
         embed_chunk,
         index_folder,
         index_schema,
-        scan_folder,
-        scan_photos,
         write_parquet_atomically,
     )
 
@@ -59,14 +56,14 @@ _LAZY = {
     "IndexRefused": "embed_client.indexer",
     "IndexSummary": "embed_client.indexer",
     "OutputLocked": "embed_client.indexer",
-    "Scan": "embed_client.indexer",
-    "scan_folder": "embed_client.indexer",
+    "Scan": "embed_client.files",
+    "scan_folder": "embed_client.files",
     "ParquetIndex": "embed_client.indexer",
-    "PhotoFile": "embed_client.indexer",
+    "PhotoFile": "embed_client.files",
     "embed_chunk": "embed_client.indexer",
     "index_folder": "embed_client.indexer",
     "index_schema": "embed_client.indexer",
-    "scan_photos": "embed_client.indexer",
+    "scan_photos": "embed_client.files",
     "write_parquet_atomically": "embed_client.indexer",
     "build_parser": "embed_client.__main__",
     "main": "embed_client.__main__",

@@ -2,9 +2,9 @@
 from checkpoints, only new or changed files embedded on a rerun. Owns the output's schema, its atomic writes, and
 its lock (one indexer per output).
 
-Only regular files are read, never more than the service takes (``limits.max_image_bytes``); FIFOs, devices and
-links out of the folder (unless ``follow_links``) are listed, not read. File names that are not UTF-8 are kept
-losslessly: ``path`` shows them with ``\\xNN`` escapes, ``path_bytes`` holds their bytes."""
+Files are found and read by ``embed_client.files`` (shared with the Ray import): only regular files, never more than
+the service takes (``limits.max_image_bytes``); file names that are not UTF-8 are kept losslessly: ``path`` shows
+them with ``\\xNN`` escapes, ``path_bytes`` holds their bytes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import fcntl
 import logging
 import os
 import shutil
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -27,14 +26,18 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embed_client.client import EmbedClient, EmbedClientError, ServiceError, ServiceUnreachable
+from embed_client.files import (
+    PhotoFile,
+    read_or_reason,
+    rel_of_row,
+    scan_folder,
+    stored_path,
+    too_large_reason,
+)
 
 # Named for the package, not the module: one setting covers client and indexer, and log lines read the same.
 logger = logging.getLogger("embed_client")
 
-# What the indexer embeds (compared lower-case); HEIC/HEIF/AVIF decode on the server through pillow-heif.
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
-)
 # Errors that belong to one item (undecodable, too large, unexpected failure on it), not to the whole service:
 # the indexer retries a failed chunk image by image so one corrupt file does not lose its neighbours.
 ITEM_ERROR_STATUSES = frozenset({400, 413, 422, 500})
@@ -54,39 +57,6 @@ class OutputLocked(IndexRefused):
     """Another indexer is writing the same output."""
 
 
-@dataclass(frozen=True)
-class PhotoFile:
-    # Path relative to the photo folder, "/"-separated, as the OS gives it (bytes that are not UTF-8 become
-    # surrogate escapes, as in os.fsdecode): the row's key.
-    rel: str
-    path: Path
-    size: int
-    mtime: float
-
-    @property
-    def shown(self) -> str:
-        return shown_path(self.rel)
-
-
-def shown_path(rel: str) -> str:
-    """``rel`` as text any file or terminal takes: bytes of the name that are not UTF-8 written as ``\\xNN``."""
-    return os.fsencode(rel).decode("utf-8", "backslashreplace")
-
-
-def stored_path(rel: str) -> tuple[str, bytes | None]:
-    """The ``path`` and ``path_bytes`` columns of a row: the name as text and, only when the name is not valid
-    UTF-8 (and ``path`` therefore shows it with ``\\xNN`` escapes), its exact bytes."""
-    raw = os.fsencode(rel)
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "backslashreplace"), raw
-
-
-def rel_of_row(path: str, path_bytes: bytes | None) -> str:
-    return os.fsdecode(path_bytes) if path_bytes is not None else path
-
-
 @dataclass
 class IndexSummary:
     files: int = 0  # images found in the folder (regular files, or links to them, with an image extension)
@@ -99,119 +69,6 @@ class IndexSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-@dataclass
-class Scan:
-    photos: list[PhotoFile] = field(default_factory=list)
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (path as shown, why): listed, not read
-    unreadable_folders: list[str] = field(default_factory=list)  # rel paths; their rows are kept as they are
-
-
-def _kind(mode: int) -> str:
-    kinds = [
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISDIR, "a folder"),
-    ]
-    return next((name for test, name in kinds if test(mode)), "not a file")
-
-
-def _not_regular(mode: int) -> str:
-    return f"not a regular file: {_kind(mode)}; not read"
-
-
-def _too_large(size: int, max_bytes: int) -> str:
-    return f"{size} bytes, more than the service takes (limits.max_image_bytes={max_bytes}); not read"
-
-
-def scan_folder(root: Path, follow_links: bool = False) -> Scan:
-    """Every image under ``root`` by extension, sorted, with size and mtime, and what was not taken and why.
-
-    Only regular files are taken. A link to a file or folder inside ``root`` is taken as the file (folders: not
-    entered; their images are found where they are). A link out of ``root`` is listed and not followed unless
-    ``follow_links``; then folders are entered once each (no loops). Folders that cannot be listed are listed.
-    Files that vanish while scanning are left out."""
-    scan = Scan()
-    top = os.fspath(root)
-    real_top = os.path.realpath(top)
-
-    def rel_of(path: str) -> str:
-        rel = os.path.relpath(path, top)
-        return "" if rel == "." else rel.replace(os.sep, "/")
-
-    def inside(path: str) -> bool:
-        real = os.path.realpath(path)
-        return real == real_top or real.startswith(real_top.rstrip("/") + "/")
-
-    def not_followed(path: str, shown: str) -> None:
-        try:
-            target = shown_path(os.readlink(path))
-        except OSError:
-            target = "?"
-        scan.problems.append((shown, f"a link out of the folder (to {target}); not followed (--follow-links does)"))
-
-    def folder_error(error: OSError) -> None:
-        rel = rel_of(os.fsdecode(error.filename)) if error.filename is not None else ""
-        scan.unreadable_folders.append(rel)
-        scan.problems.append((shown_path(rel or ".") + "/", f"cannot read the folder: {error.strerror or error}"))
-
-    visited: set[tuple[int, int]] = set()
-    for folder, dirs, names in os.walk(top, onerror=folder_error, followlinks=follow_links):
-        try:
-            here = os.stat(folder)
-            visited.add((here.st_dev, here.st_ino))
-        except OSError:
-            pass
-        entered = []
-        for name in sorted(dirs):
-            path = os.path.join(folder, name)
-            if os.path.islink(path):
-                if inside(path):
-                    continue  # its images are found under their own path
-                if not follow_links:
-                    not_followed(path, shown_path(rel_of(path)) + "/")
-                    continue
-            try:
-                there = os.stat(path)
-            except OSError:
-                continue
-            if (there.st_dev, there.st_ino) not in visited:  # a loop, or a folder already seen through a link
-                entered.append(name)
-        dirs[:] = entered
-        for name in sorted(names):
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = os.path.join(folder, name)
-            rel = rel_of(path)
-            try:
-                info = os.lstat(path)
-                if stat.S_ISLNK(info.st_mode):
-                    if not follow_links and not inside(path):
-                        not_followed(path, shown_path(rel))
-                        continue
-                    try:
-                        info = os.stat(path)
-                    except FileNotFoundError:
-                        scan.problems.append((shown_path(rel), f"a broken link (to {shown_path(os.readlink(path))})"))
-                        continue
-            except FileNotFoundError:
-                continue  # deleted while scanning
-            except OSError as exc:
-                scan.problems.append((shown_path(rel), f"cannot read the file: {exc.strerror or exc}"))
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                scan.problems.append((shown_path(rel), _not_regular(info.st_mode)))
-                continue
-            scan.photos.append(PhotoFile(rel, Path(path), info.st_size, info.st_mtime))
-    return scan
-
-
-def scan_photos(root: Path, follow_links: bool = False) -> list[PhotoFile]:
-    """The images ``scan_folder`` takes (what it does not take, and why, is in its ``Scan``)."""
-    return scan_folder(root, follow_links).photos
-
-
 def max_image_bytes(info: dict[str, Any]) -> int:
     """The largest file worth reading for the service of this ``/info``."""
     limits = info.get("limits", {})
@@ -220,35 +77,6 @@ def max_image_bytes(info: dict[str, Any]) -> int:
     if "max_body_bytes" in limits:  # an older server: the image must fit in a body, base64-encoded
         return int(limits["max_body_bytes"]) // 4 * 3
     return DEFAULT_MAX_IMAGE_BYTES
-
-
-class NotTaken(OSError):
-    """A file that is not read: not (or no longer) a regular file, or larger than the service takes."""
-
-
-def read_photo(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes if it is a regular file of at most ``max_bytes``; ``NotTaken`` (an OSError) otherwise.
-    Opened without blocking (a FIFO put in a file's place never hangs the run) and checked on the open file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotTaken(_not_regular(info.st_mode))
-        if info.st_size > max_bytes:
-            raise NotTaken(_too_large(info.st_size, max_bytes))
-        os.set_blocking(fd, True)  # a regular file: plain reads from here on
-        chunks, total = [], 0
-        while total <= max_bytes:  # the file may grow while it is read
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > max_bytes:
-            raise NotTaken(_too_large(total, max_bytes))
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def index_schema(dimension: int) -> pa.Schema:
@@ -284,7 +112,9 @@ def locked_output(out: Path) -> Iterator[Path]:
     """Holds ``OUT.lock`` (an flock) while a run reads and writes ``out`` and its parts; another run on the same
     output raises ``OutputLocked`` at once. The kernel drops the lock of a killed run: a lock file left behind
     does not block the next run. The file is removed at the end while still locked; a run that locked a file
-    just removed that way locks the new one instead (the inode check)."""
+    just removed that way locks the new one instead (the inode check). The lock is taken on ``out`` with every link
+    resolved: one output has one lock however its path is written."""
+    out = out.resolve()
     lock = out.with_name(out.name + ".lock")
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -498,13 +328,12 @@ def embed_chunk(client: EmbedClient, chunk: Sequence[PhotoFile], max_bytes: int 
     datas: list[bytes] = []
     failed: list[tuple[str, str]] = []
     for photo in chunk:
-        try:
-            datas.append(read_photo(photo.path, limit))
+        data = read_or_reason(photo.path, limit)
+        if isinstance(data, str):
+            failed.append((photo.shown, data))
+        else:
+            datas.append(data)
             readable.append(photo)
-        except NotTaken as exc:
-            failed.append((photo.shown, str(exc)))
-        except OSError as exc:
-            failed.append((photo.shown, f"cannot read the file: {exc.strerror or exc}"))
     if not readable:
         return [], failed
     try:
@@ -558,6 +387,8 @@ def index_folder(
             "meaningless, and so is any search on this index. Start the service with the real model to index."
         )
     limit = max_image_bytes(info)
+    # Resolved: a link to the output is written through (never replaced by a file) and locks the same output.
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked_output(out):
         index = ParquetIndex(out, model, version, dimension, reindex=reindex, source=client.url)
@@ -571,7 +402,7 @@ def index_folder(
         )
         del done  # only the paths are needed now; merge() reads the vectors again
         todo = [photo for photo in photos if photo.rel not in done_paths]
-        failed = [*scan.problems, *((p.shown, _too_large(p.size, limit)) for p in todo if p.size > limit)]
+        failed = [*scan.problems, *((p.shown, too_large_reason(p.size, limit)) for p in todo if p.size > limit)]
         todo = [photo for photo in todo if photo.size <= limit]
         summary = IndexSummary(
             files=len(photos),

@@ -7,6 +7,7 @@ at the end; the tiny random-weight SigLIP stands in for the real model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,9 +27,10 @@ from PIL import Image
 
 from cluster.index_images import Summary, main, run
 from cluster.pipeline import read_image_spec
-from cluster.source import list_images, open_source
-from cluster.store import OutputStore
-from embed_client.indexer import index_schema, locked_output
+from cluster.source import Listing, Source, SourceFile, list_images, open_source
+from cluster.store import OutputStore, output_lock
+from embed_client.files import stored_path, too_large_reason
+from embed_client.indexer import OutputLocked, index_schema, locked_output
 from siglip2_embed import EMBEDDING_VERSION, Siglip2Encoder, Siglip2Settings, build_app
 from tests.helpers import image_bytes, photo_like, ready_client
 
@@ -63,10 +67,15 @@ FAILING = {"a/corrupt.jpg": "invalid_image", "a/b/not-an-image.png": "unsupporte
 
 
 def read_vectors(out: Path) -> dict[str, dict[str, Any]]:
-    table = pq.read_table(out / "vectors")
+    table = pq.read_table(out)  # OUT_DIR itself is the dataset of the vectors
     paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)), "a path twice in a finished output"
     return {row["path"]: row for row in table.to_pylist()}
+
+
+def failures_file(out: Path) -> Path:
+    """Beside OUT_DIR, not in it: a reader of OUT_DIR sees only the vectors."""
+    return out.with_name(out.name + ".failures.parquet")
 
 
 def cosine(a: Any, b: Any) -> float:
@@ -106,9 +115,17 @@ def service_vectors(settings: Siglip2Settings, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def first_run(ray_cluster: str, settings: Siglip2Settings, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The folder imported as object storage is (pyarrow's listing, Ray's reader), with the local file system
+    standing in for s3://: every other run here reads local folders with the indexer's walker and reader, and the
+    command-line test checks that both give the same output."""
+    import cluster.index_images
+
     root, out = tmp_path_factory.mktemp("photos"), tmp_path_factory.mktemp("index")
     files = make_folder(root)
-    return root, out, files, run(str(root), str(out), settings, batch_size=3)
+    as_object_storage = dataclasses.replace(open_source(str(root)), is_local_folder=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cluster.index_images, "open_source", lambda uri: as_object_storage)
+        return root, out, files, run(str(root), str(out), settings, batch_size=3)
 
 
 @pytest.mark.slow
@@ -128,9 +145,9 @@ def test_vectors_equal_the_services_and_failures_are_listed(first_run: Any, serv
         assert (row["size"], row["mtime"]) == (stat.st_size, stat.st_mtime)
         assert (row["model"], row["version"]) == ("siglip2-tiny", EMBEDDING_VERSION)
     # The standalone indexer's schema: one reader handles both outputs.
-    assert pq.read_table(out / "vectors").schema == index_schema(len(service_vectors["one.jpg"]))
+    assert pq.read_table(out).schema == index_schema(len(service_vectors["one.jpg"]))
 
-    failures = {row["path"]: row for row in pq.read_table(out / "failures").to_pylist()}
+    failures = {row["path"]: row for row in pq.read_table(failures_file(out)).to_pylist()}
     assert sorted(failures) == sorted(FAILING)
     for rel, code in FAILING.items():
         assert service_vectors[rel] == code  # the service refuses the same files...
@@ -160,7 +177,7 @@ def test_reruns_resume_skip_reembed_and_drop(
     with pytest.raises(KeyboardInterrupt):
         run(str(root), str(out), settings, batch_size=2)
     monkeypatch.undo()
-    kept = len(pq.read_table(out / "vectors"))
+    kept = len(pq.read_table(out))
     assert kept in (1, 2)  # one block of two files, or the last block, of one
     assert counts(run(str(root), str(out), settings, batch_size=2)) == (5 - kept, kept, 0, 0)
     first = read_vectors(out)
@@ -187,8 +204,8 @@ def test_reruns_resume_skip_reembed_and_drop(
 
     # --reindex embeds everything again; a finished run leaves one compacted part.
     assert counts(run(str(root), str(out), settings, reindex=True)) == (4, 0, 0, 0)
-    assert len(list((out / "vectors").glob("*.parquet"))) == 1
-    assert not list((out / "vectors").glob(".*"))
+    assert len(list(out.glob("*.parquet"))) == 1
+    assert not list(out.glob(".*"))
 
 
 def counts(summary: Summary) -> tuple[int, int, int, int]:
@@ -205,9 +222,102 @@ def test_command_line_on_a_running_cluster(ray_cluster: str, tiny_siglip: Path, 
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
     last = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(last) == {"embedded", "skipped", "failed", "removed", "seconds", "out"}
+    assert set(last) == {"embedded", "skipped", "failed", "removed", "seconds", "out", "failures"}
     assert (last["embedded"], last["skipped"], last["failed"], last["removed"]) == (6, 0, 2, 0)
-    assert read_vectors(tmp_path / "index").keys() == read_vectors(first_run[1]).keys()
+    # A local folder read by the indexer's reader gives what Ray's reader gave (first_run): the same vectors.
+    local, through_ray_reader = read_vectors(tmp_path / "index"), read_vectors(first_run[1])
+    assert local.keys() == through_ray_reader.keys()
+    assert all(cosine(local[p]["vector"], through_ray_reader[p]["vector"]) >= 0.9999 for p in local)
+
+
+@pytest.mark.slow
+def test_out_dir_reads_back_as_exactly_the_vectors(first_run: Any) -> None:
+    """The obvious reads of OUT_DIR give one row per embedded image with its vector: nothing else is in OUT_DIR (the
+    failures are beside it), so no reader picks up another schema."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    _, out, files, summary = first_run
+    good = sorted(set(files) - set(FAILING))
+    vectors = {rel: row["vector"] for rel, row in read_vectors(out).items()}
+    for table in (ds.dataset(out).to_table(), pq.read_table(out)):
+        assert table.schema == index_schema(len(vectors["one.jpg"]))
+        assert sorted(table.column("path").to_pylist()) == good
+    frame = pd.read_parquet(out)
+    assert sorted(frame["path"]) == good
+    assert all(list(vector) == vectors[path] for path, vector in zip(frame["path"], frame["vector"], strict=True))
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".parquet")) == []
+    assert summary.failures == str(failures_file(out))
+
+
+# Names the indexer takes and Ray's reader did not: bytes that are not UTF-8, a newline, a tab.
+ODD_NAMES = [b"caf\xe9.png", b"nl\nname.png", b"tab\tname.png"]
+HUGE = 2 * 1024**3  # a sparse .jpg of 2 GiB: reading it whole took a decoding task to 6.4 GB
+
+
+@pytest.fixture(scope="module")
+def odd_run(ray_cluster: str, settings: Siglip2Settings, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One import of a folder with the indexer's traps: odd names, a 2 GiB sparse file, a FIFO, and a file replaced
+    by a FIFO and another deleted between the listing and the reading."""
+    root, out = tmp_path_factory.mktemp("odd-photos"), tmp_path_factory.mktemp("odd-index") / "out"
+    png = image_bytes(photo_like(40, 36, seed=21))
+    for name in [*ODD_NAMES, b"plain.png"]:
+        with open(os.path.join(os.fsencode(root), name), "wb") as file:  # bytes: any name the OS takes
+            file.write(png)
+    with open(root / "huge.jpg", "wb") as file:
+        file.truncate(HUGE)
+    os.mkfifo(root / "pipe.jpg")
+    for later in ("becomes-a-fifo.jpg", "deleted.jpg"):
+        (root / later).write_bytes(image_bytes(photo_like(30, 30, seed=22), "JPEG"))
+
+    import cluster.index_images
+
+    def list_then_change(source: Source) -> Listing:
+        listing = list_images(source)
+        (root / "becomes-a-fifo.jpg").unlink()
+        os.mkfifo(root / "becomes-a-fifo.jpg")
+        (root / "deleted.jpg").unlink()
+        return listing
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cluster.index_images, "list_images", list_then_change)
+        summary = run(str(root), str(out), settings, batch_size=3)
+    failures = {row["path"]: row for row in pq.read_table(failures_file(out)).to_pylist()}
+    return root, out, summary, read_vectors(out), failures
+
+
+@pytest.mark.slow
+def test_names_of_any_bytes_are_embedded_keyed_as_the_indexer_keys_them(odd_run: Any) -> None:
+    _, _, summary, rows, _ = odd_run
+    assert summary.embedded == 4
+    # path_bytes as the standalone indexer fills it: the exact bytes where the name is not UTF-8, else null.
+    assert rows["caf\\xe9.png"]["path_bytes"] == b"caf\xe9.png"
+    assert rows["nl\nname.png"]["path_bytes"] is None and rows["tab\tname.png"]["path_bytes"] is None
+    assert [stored_path(os.fsdecode(name)) for name in ODD_NAMES] == [
+        (path, rows[path]["path_bytes"]) for path in ("caf\\xe9.png", "nl\nname.png", "tab\tname.png")
+    ]
+    for path in ("caf\\xe9.png", "nl\nname.png", "tab\tname.png"):  # the same image as plain.png
+        assert cosine(rows[path]["vector"], rows["plain.png"]["vector"]) >= 0.9999, path
+
+
+@pytest.mark.slow
+def test_a_file_over_the_limit_is_listed_by_its_size_and_never_read(odd_run: Any, settings: Siglip2Settings) -> None:
+    _, _, _, rows, failures = odd_run
+    assert "huge.jpg" not in rows
+    # The listing's own message, from the size: a read would have ended in the decoder's image_too_large.
+    assert failures["huge.jpg"]["reason"] == too_large_reason(HUGE, settings.max_image_bytes)
+    assert failures["huge.jpg"]["size"] == HUGE
+
+
+@pytest.mark.slow
+def test_files_that_cannot_be_read_are_failure_rows_not_the_end_of_the_job(odd_run: Any) -> None:
+    _, _, summary, rows, failures = odd_run
+    assert failures["becomes-a-fifo.jpg"]["reason"] == "not a regular file: a FIFO (named pipe); not read"
+    assert failures["deleted.jpg"]["reason"] == "cannot read the file: No such file or directory"
+    assert failures["pipe.jpg"]["reason"] == "not a regular file: a FIFO (named pipe); not read"  # as listed
+    assert failures["pipe.jpg"]["size"] is None
+    assert sorted(failures) == ["becomes-a-fifo.jpg", "deleted.jpg", "huge.jpg", "pipe.jpg"]
+    assert summary.failed == 4 and not set(failures) & set(rows)
 
 
 def test_bad_arguments_exit_2_before_starting_ray(tmp_path: Path) -> None:
@@ -216,19 +326,24 @@ def test_bad_arguments_exit_2_before_starting_ray(tmp_path: Path) -> None:
     assert result.returncode == 2 and "is not a folder" in result.stderr
 
 
-def test_a_uri_lists_like_the_local_folder(tmp_path: Path) -> None:
+def test_object_storage_lists_like_the_local_folder(tmp_path: Path) -> None:
+    """pyarrow's listing (object storage's) finds what the indexer's walker finds, with the same keys; a file://
+    URI of a folder of this machine is that folder."""
     make_folder(tmp_path)
-    local = list_images(open_source(str(tmp_path)))
-    uri = list_images(open_source(tmp_path.as_uri()))  # file://, through pyarrow's filesystem listing
-    assert [(f.rel, f.size, f.mtime) for f in uri] == [(f.rel, f.size, f.mtime) for f in local]
-    assert len(local) == 8
+    local = open_source(str(tmp_path))
+    assert open_source(tmp_path.as_uri()).is_local_folder
+    as_object_storage = Source(tmp_path.as_uri(), pa_fs.LocalFileSystem(), str(tmp_path), is_local_folder=False)
+    listed = list_images(as_object_storage).files
+    walked = list_images(local).files
+    assert [(f.rel, f.size, f.mtime) for f in listed] == [(f.rel, f.size, f.mtime) for f in walked]
+    assert len(walked) == 8
 
 
 def test_a_kill_during_compaction_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Parts written, the compaction's new part written, the old parts not yet deleted: the next run sees every row
     once and its compaction removes the copies."""
     make_folder(tmp_path / "photos")
-    files = [f for f in list_images(open_source(str(tmp_path / "photos"))) if f.rel not in FAILING]
+    files = [f for f in list_images(open_source(str(tmp_path / "photos"))).files if f.rel not in FAILING]
     store = OutputStore(str(tmp_path / "out"), "m", "v")
     for start in range(0, len(files), 2):
         chunk = files[start : start + 2]
@@ -237,7 +352,7 @@ def test_a_kill_during_compaction_loses_nothing(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(OSError):
         store.compact(files)
     monkeypatch.undo()
-    assert len(pq.read_table(tmp_path / "out" / "vectors")) == 2 * len(files)  # every row twice
+    assert len(pq.read_table(tmp_path / "out")) == 2 * len(files)  # every row twice
 
     again = OutputStore(str(tmp_path / "out"), "m", "v")
     plan = again.plan(files, reindex=False)
@@ -276,7 +391,7 @@ def test_parts_are_ordered_by_number_not_by_name(tmp_path: Path) -> None:
     """The last row of a path wins in the order the parts were written, also past the width of the sequence number
     (a name sort puts part ...-100000000 before ...-99999999)."""
     make_folder(tmp_path / "photos")
-    photo = next(f for f in list_images(open_source(str(tmp_path / "photos"))) if f.rel not in FAILING)
+    photo = next(f for f in list_images(open_source(str(tmp_path / "photos"))).files if f.rel not in FAILING)
     store = OutputStore(str(tmp_path / "out"), "m", "v")
     store._next_seq = 99_999_999
     store.write_rows([photo], np.array([[1, 0, 0, 0]], np.float32))  # older
@@ -297,16 +412,108 @@ def test_a_second_import_into_the_same_out_dir_is_refused(
         code = main([str(tmp_path / "photos"), "--out", str(out), "--model", str(tiny_siglip)])
     assert code == 1
     assert f"(pid {os.getpid()}) is writing {out}" in capsys.readouterr().err
-    assert not (out / "vectors").exists()  # nothing touched, not even a leftover temporary file removed
+    assert not out.exists()  # nothing touched, not even a leftover temporary file removed
     with locked_output(out):  # the refused run took nothing with it: the output can be locked again
         pass
 
 
-def test_refuses_an_out_dir_with_foreign_files(tmp_path: Path) -> None:
-    (tmp_path / "vectors").mkdir()
-    (tmp_path / "vectors" / "data.parquet").write_bytes(b"not ours")
+@pytest.mark.parametrize("spelling", ["link", "link-uri", "uri", "dotted"])
+def test_one_out_dir_has_one_lock_however_it_is_written(
+    spelling: str, tmp_path: Path, tiny_siglip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A link to OUT_DIR, a file:// URI of that link, a URI of OUT_DIR, a path through "..": all hit the lock of the
+    run writing OUT_DIR (two runs at once numbered their parts the same and overwrote each other)."""
+    out, link, empty = tmp_path / "out", tmp_path / "link", tmp_path / "photos"
+    out.mkdir()
+    empty.mkdir()  # nothing to embed: a run the lock failed to stop writes at once, and no Ray starts
+    link.symlink_to(out, target_is_directory=True)
+    written = {
+        "link": str(link),
+        "link-uri": link.as_uri(),
+        "uri": out.as_uri() + "/",
+        "dotted": str(tmp_path / "photos" / ".." / "out"),
+    }[spelling]
+    with locked_output(out):
+        code = main([str(empty), "--out", written, "--model", str(tiny_siglip)])
+    assert code == 1
+    assert f"another indexer (pid {os.getpid()}) is writing {out}" in capsys.readouterr().err
+    assert list(out.iterdir()) == [] and not failures_file(out).exists() and not failures_file(link).exists()
+    with pytest.raises(OutputLocked), locked_output(out), output_lock(written):
+        pass
+
+
+def write_legacy_part(path: Path, files: list[SourceFile], vectors: np.ndarray) -> None:
+    """A part as the older layout holds it (OUT_DIR/vectors/part-R-S.parquet), by the model the import runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "path": [f.rel for f in files],
+            "size": [f.size for f in files],
+            "mtime": [f.mtime for f in files],
+            "model": ["siglip2-tiny"] * len(files),
+            "version": [EMBEDDING_VERSION] * len(files),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
+            "path_bytes": pa.nulls(len(files), pa.binary()),
+        },
+        schema=index_schema(vectors.shape[1]),
+    )
+    pq.write_table(table, path)
+
+
+@pytest.mark.parametrize("moved_before", [False, True], ids=["older-layout", "killed-while-moving"])
+def test_an_out_dir_of_the_older_layout_is_carried_on(
+    moved_before: bool, tmp_path: Path, settings: Siglip2Settings
+) -> None:
+    """OUT_DIR/vectors/ and OUT_DIR/failures/ of an earlier version: the parts move up into OUT_DIR, nothing is
+    embedded again (no Ray job at all), and the output reads back as the vectors, each once."""
+    root, out = tmp_path / "photos", tmp_path / "out"
+    for i in range(3):
+        (root / f"p{i}.jpg").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"p{i}.jpg").write_bytes(image_bytes(photo_like(30, 30 + i, seed=30 + i), "JPEG"))
+    files = list_images(open_source(str(root))).files
+    vectors = np.eye(3, 4, dtype=np.float32)
+    write_legacy_part(out / "vectors" / "part-00000001-00000001.parquet", files[:2], vectors[:2])
+    write_legacy_part(out / "vectors" / "part-00000001-00000002.parquet", files[2:], vectors[2:])
+    (out / "failures").mkdir()
+    pq.write_table(
+        pa.table({"path": ["x.jpg"], "size": [1], "mtime": [1.0], "reason": ["old"]}),
+        out / "failures" / "failures.parquet",
+    )
+    if moved_before:  # a run killed after moving one part up
+        (out / "vectors" / "part-00000001-00000002.parquet").rename(out / "part-00000001-00000002.parquet")
+
+    summary = run(str(root), str(out), settings)
+    assert counts(summary) == (0, 3, 0, 0)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == []
+    rows = read_vectors(out)
+    assert {rel: row["vector"] for rel, row in rows.items()} == {
+        f.rel: vectors[i].tolist() for i, f in enumerate(files)
+    }
+    assert pq.read_table(failures_file(out)).num_rows == 0
+
+
+def test_rows_under_a_folder_that_cannot_be_listed_are_kept(tmp_path: Path) -> None:
+    """As the indexer keeps them: whether those files still exist is unknown, so their vectors stay."""
+    make_folder(tmp_path / "photos")
+    files = [f for f in list_images(open_source(str(tmp_path / "photos"))).files if f.rel not in FAILING]
+    store = OutputStore(str(tmp_path / "out"), "m", "v")
+    store.write_rows(files, np.eye(len(files), 4, dtype=np.float32))
+    listed = [f for f in files if not f.rel.startswith("a/")]
+    store.compact(listed, kept_folders=["a"])
+    assert sorted(read_vectors(tmp_path / "out")) == sorted(f.rel for f in files)
+    store.compact(listed)
+    assert sorted(read_vectors(tmp_path / "out")) == sorted(f.rel for f in listed)
+
+
+@pytest.mark.parametrize("foreign", ["data.parquet", "vectors/data.parquet", "failures/notes.txt", "_SUCCESS"])
+def test_refuses_an_out_dir_with_foreign_files(foreign: str, tmp_path: Path) -> None:
+    """OUT_DIR is the dataset: anything in it that this tool did not write (also in the older layout's vectors/)
+    would be read with the vectors, or deleted by the compaction."""
+    (tmp_path / foreign).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / foreign).write_bytes(b"not ours")
     with pytest.raises(ValueError, match="did not write"):
         OutputStore(str(tmp_path), "m", "v")
+    assert (tmp_path / foreign).read_bytes() == b"not ours"
 
 
 def test_standalone_services_never_import_ray() -> None:

@@ -147,6 +147,19 @@ def test_a_replica_starts_only_with_a_loaded_model(tiny_siglip: Path) -> None:
 
 
 @pytest.mark.usefixtures("quiet_replicas")
+def test_a_replica_health_says_the_dimension_under_both_names(tiny_siglip: Path, tiny_zimage: Path) -> None:
+    """Serve's /health passes the app's own 200 body on: ``dimensions`` (the name clients of the Quadux SigLIP API
+    read) beside ``dimension``, on both services."""
+    for replica in (
+        EmbeddingReplica("siglip2", siglip_settings(tiny_siglip)),
+        EmbeddingReplica("qwen3", Qwen3Settings(model=str(tiny_zimage), device="cpu")),
+    ):
+        with TestClient(replica.__serve_build_asgi_app__()) as client:
+            health = client.get("/health").json()
+        assert health["status"] == "ok" and health["dimensions"] == health["dimension"] == 32
+
+
+@pytest.mark.usefixtures("quiet_replicas")
 @pytest.mark.parametrize("model", ["missing-folder", "example-org/not-in-the-cache"])
 def test_a_replica_whose_model_fails_to_load_fails_to_start_saying_why(
     model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

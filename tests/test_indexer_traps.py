@@ -24,6 +24,7 @@ import requests
 
 import embed_client
 from embed_client import EmbedClient, ParquetIndex, PhotoFile, index_folder, main
+from embed_client.indexer import OutputLocked, locked_output
 from qwen3_embed import Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from qwen3_embed import load as load_text_service
@@ -397,6 +398,18 @@ def test_a_second_indexer_on_the_same_output_stops_at_once(
     assert "another indexer" in stderr and f"pid {os.getpid()}" in stderr and str(out) in stderr
     assert summary.embedded == 7 and len(rows_of(out)) == 7
     assert only_entries(tmp_path) == ["photos", "vectors.parquet"]  # the lock file goes with the run
+
+
+def test_an_output_named_through_a_link_is_the_same_output(client: EmbedClient, tmp_path: Path) -> None:
+    """A link to the output takes the output's lock (a run on the link ran beside one on the file), and the run
+    writes through the link, never replacing it by a file of its own."""
+    root, out, link = tmp_path / "photos", tmp_path / "vectors.parquet", tmp_path / "link.parquet"
+    make_photos(root, ["a.jpg", "b.jpg"])
+    link.symlink_to(out)
+    with locked_output(out), pytest.raises(OutputLocked, match=f"another indexer .* is writing {out}"):
+        index_folder(root, link, client, progress=False)
+    assert index_folder(root, link, client, progress=False).embedded == 2
+    assert link.is_symlink() and sorted(rows_of(out)) == ["a.jpg", "b.jpg"]
 
 
 def test_a_killed_run_leaves_no_lock_that_blocks_the_next(

@@ -35,6 +35,7 @@ def test_the_request_shapes_existing_clients_use(client: TestClient) -> None:
         "model": "Z-Image-tiny-text-encoder",
         "version": "1.0",
         "dimension": 32,
+        "dimensions": 32,
         "device": "cpu",
         "modalities": ["text"],
         "tiny": True,

@@ -18,7 +18,8 @@ from tests.helpers import free_port, image_bytes, photo_like
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README = "\n".join(page.read_text() for page in PAGES)
 # Lines that manage the services or need real weights or a user's folders: the test starts the services itself.
 NOT_PASTED = re.compile(r"^\s*(\./start_all\.sh|\./stop_all\.sh|\./run_tests\.sh|huggingface-cli|\.venv/bin/python)")
 

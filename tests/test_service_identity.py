@@ -43,6 +43,8 @@ def test_health_and_info_state_modalities_and_tiny_weights(image_client: TestCli
         assert health["modalities"] == info["modalities"] == modalities
         assert health["tiny"] is True and info["tiny"] is True  # the tiny test models carry the marker
         assert health["version"] == info["version"] and health["dimension"] == info["dimension"]
+        # Clients of the Quadux SigLIP API read the vector length from /health under this name.
+        assert health["dimensions"] == health["dimension"]
 
 
 def test_real_weights_are_not_reported_as_tiny(tiny_siglip: Path, tmp_path: Path) -> None:
@@ -74,6 +76,15 @@ def test_info_is_typed_in_the_openapi_schema(image_client: TestClient) -> None:
     assert {"modalities", "tiny", "dimension", "version", "limits"} <= set(info)
     responses = schema["paths"]["/embed/texts"]["post"]["responses"]
     assert {"400", "413", "422", "429", "503"} <= set(responses)  # error responses are declared
+
+
+def test_health_is_typed_in_the_openapi_schema(any_client: TestClient) -> None:
+    schema = any_client.get("/openapi.json").json()
+    responses = schema["paths"]["/health"]["get"]["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Health"}
+    assert "503" in responses
+    health = schema["components"]["schemas"]["Health"]["properties"]
+    assert {"status", "model", "version", "dimension", "dimensions", "device", "modalities", "tiny"} == set(health)
 
 
 # -- OpenAI route: what it cannot honour is refused ---------------------------------------------------------------

@@ -35,6 +35,7 @@ def test_health_and_info(client: TestClient) -> None:
         "model": "siglip2-tiny",
         "version": "1.0",
         "dimension": 32,
+        "dimensions": 32,
         "device": "cpu",
         "modalities": ["image", "text"],
         "tiny": True,

@@ -21,12 +21,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.middleware import Middleware
 
 from common.api.middleware import AccessLog, RequestBody, RequestGuard
 from common.api.schemas import ERROR_RESPONSES, FastJSONResponse
-from common.config import ServiceSettings
+from common.config import Modality, ServiceSettings
 from common.contract import EmbeddingModel, ModelInfo
 from common.errors import NotReady, install_error_handlers
 from common.loading import WrongModel
@@ -166,6 +166,25 @@ class ServiceInfo(ModelInfo, ServiceState):
     load_seconds: float
 
 
+class Health(BaseModel):
+    """/health (200) once the model serves."""
+
+    status: Literal["ok"]
+    model: str
+    version: str
+    dimension: int = Field(description="length of every vector")
+    dimensions: int = Field(description="the same as dimension, under the name clients of the Quadux SigLIP API read")
+    device: str
+    modalities: list[Modality]
+    tiny: bool = Field(description="true for the tiny random-weight test models: their vectors are meaningless")
+
+
+class HealthState(BaseModel):
+    """/health (503) while the model loads, or once it failed to load or its device keeps failing."""
+
+    status: Status
+
+
 def limits_of(settings: ServiceSettings) -> dict[str, int | float]:
     """Every max_* setting but the batching ones, and the timeouts."""
     limits = {name: value for name, value in settings.model_dump().items() if name.startswith("max_")}
@@ -178,24 +197,24 @@ service_router = APIRouter(tags=["service"])
 
 
 # Uptime checkers probe with HEAD: each GET route of the service also answers HEAD (the same headers, no body).
-@service_router.get("/health")
+@service_router.get("/health", response_model=Health, responses={503: {"model": HealthState}})
 @service_router.head("/health", include_in_schema=False)
 async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
     """200 only when a request would be served; 503 "loading" or "unhealthy" otherwise. Never needs a key."""
     model = runtime.model
     if runtime.status != "ok" or model is None:
         return JSONResponse({"status": runtime.status}, status_code=503, headers={"Retry-After": "5"})
-    return JSONResponse(
-        {
-            "status": "ok",
-            "model": model.model_name,
-            "version": model.version,
-            "dimension": model.dimension,
-            "device": model.device,
-            "modalities": list(model.modalities),
-            "tiny": model.tiny,
-        }
+    body = Health(
+        status="ok",
+        model=model.model_name,
+        version=model.version,
+        dimension=model.dimension,
+        dimensions=model.dimension,
+        device=model.device,
+        modalities=list(model.modalities),
+        tiny=model.tiny,
     )
+    return JSONResponse(body.model_dump())
 
 
 @service_router.get("/metrics", response_class=PlainTextResponse)
