@@ -713,12 +713,24 @@ def test_the_front_door_says_loading_while_no_replica_runs(cluster: Cluster) -> 
 
 
 @pytest.mark.slow
-def test_header_floods_get_431(cluster: Cluster, door: str) -> None:
+def test_header_floods_and_invalid_requests_get_the_envelope(cluster: Cluster, door: str) -> None:
     for headers in ({"X-Big": "y" * MIB}, {f"X-{i}": "y" for i in range(5000)}):
         with connect_to(door) as sock:
             send_quietly(sock, request_bytes("GET", "/siglip2/health", headers=headers))
             status, response_headers, body = read_response(sock)
             assert (status, error_code(body), response_headers["connection"]) == (431, "headers_too_large", "close")
+    # What Serve's proxy answers in plain text ("400 Invalid HTTP request received."), in the envelope here.
+    for request, expected in (
+        (
+            b"GET /siglip2/health?" + b"q" * 100_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            (431, "headers_too_large"),
+        ),
+        (b"POST /siglip2/embed/text HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n", (400, "invalid_input")),
+    ):
+        with connect_to(door) as sock:
+            send_quietly(sock, request)
+            status, _, body = read_response(sock)
+            assert (status, error_code(body)) == expected
     assert requests.get(door + "/siglip2/health", timeout=10).status_code == 200
 
 
