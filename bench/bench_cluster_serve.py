@@ -2,10 +2,12 @@
 
     python -m bench.bench_cluster_serve [--rounds 3] --photos DIR [--clients 16] [--image-requests 240]
 
-Three configurations run side by side for the whole run, each service measured alone in turn:
+Four configurations run side by side for the whole run, each service measured alone in turn:
 
 - standalone: ``siglip2_embed.py`` and ``qwen3_embed.py`` as uvicorn processes, as start_all.sh runs them;
 - Serve, 1 replica: both applications on a local Ray (``ray.init`` timed), through Serve's proxy;
+- front door, 1 replica: the same applications through the front door (``python -m cluster.front
+  --front-door-only``, its own process, as on every node of a deployment) and then Serve's proxy;
 - Serve, 2 replicas: the same with 2 replicas per application, sharing the same cores.
 
 Loads: images (12 MP camera JPEGs and the 1920 px photos, multipart ``/embed/image``, 16 clients), short texts
@@ -21,6 +23,7 @@ light tower) and ``tiny-zimage``, so that, as on a GPU box, the CPU's share is d
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -31,6 +34,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import torch
+import yaml
 
 from bench.bench_images import camera_jpegs
 from bench.bench_texts import short_texts
@@ -214,6 +218,35 @@ def deploy_on_serve(models: dict[str, Path], device: str, replicas: int, port: i
     return urls
 
 
+def start_front_door(stack: ExitStack, models: dict[str, Path], device: str, serve_port: int) -> dict[str, str]:
+    """The front door before the 1-replica applications (deployed by ``deploy_on_serve``), as ``python -m
+    cluster.front --front-door-only`` runs it: a config naming them, and Serve's proxy on ``serve_port``."""
+    port = free_port()
+    applications = [
+        {
+            "name": f"{name}-x1",
+            "route_prefix": f"/{name}-x1",
+            "import_path": f"cluster.serve:{name}_app",
+            "args": {"model": str(models[name]), "device": device, "log_level": "warning"},
+        }
+        for name in ("siglip2", "qwen3")
+    ]
+    config = OUT / "front_door_config.yaml"
+    config.write_text(
+        yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port}, "applications": applications})
+    )
+    command = ["-m", "cluster.front", str(config), "--address", "auto", "--front-door-only"]
+    command += ["--serve-port", str(serve_port), "--log-level", "warning"]
+    log = OUT / "front-door.log"
+    url = stack.enter_context(server_process(command, port, log, health_path="/siglip2-x1/health"))
+    return {name: f"{url}/{name}-x1" for name in ("siglip2", "qwen3")}
+
+
+def each_round(rates: dict[str, list[float]], numerator: str, denominator: str) -> str:
+    """Each round's own ratio: the runs of a round are minutes apart at most."""
+    return ", ".join(f"{n / d:.0%}" for n, d in zip(rates[numerator], rates[denominator], strict=True))
+
+
 def summary_line(name: str, results: list[LoadResult], unit: str) -> str:
     rates = [result.rate for result in results]
     latencies = [np.percentile(result.latencies, q) * 1000 for q in (50, 99) for result in results]
@@ -281,6 +314,7 @@ def main() -> None:
             "Serve, 1 replica": deploy_on_serve(models, args.device, 1, port),
         }
         one_replica_procs = [p for p in descendants(os.getpid()) if p.pid not in {q.pid for q in standalone_procs}]
+        configurations["front door, 1 replica"] = start_front_door(stack, models, args.device, port)
         configurations["Serve, 2 replicas"] = deploy_on_serve(models, args.device, 2, port)
 
         rounds: dict[str, list[Round]] = {name: [] for name in configurations}
@@ -307,12 +341,12 @@ def main() -> None:
         for name in names:
             lines.append(summary_line(f"{label}, {name}", [getattr(r, attribute) for r in rounds[name]], unit))
         rates = {name: [getattr(r, attribute).rate for r in rounds[name]] for name in names}
-        alone, one, two = (float(np.median(rates[name])) for name in names)
-        # Each round's own ratio too: the standalone and Serve runs of a round are minutes apart at most.
-        per_round = ", ".join(f"{s / o:.0%}" for s, o in zip(rates[names[1]], rates[names[0]], strict=True))
+        alone, one, front, two = (float(np.median(rates[name])) for name in names)
+        each = functools.partial(each_round, rates)
         lines.append(
-            f"{label}: Serve 1 replica = {one / alone:.0%} of standalone (each round: {per_round}); "
-            f"2 replicas = {two / one:.2f}x 1 replica"
+            f"{label}: Serve 1 replica = {one / alone:.0%} of standalone (each round: "
+            f"{each(names[1], names[0])}); front door = {front / one:.0%} of Serve 1 replica (each round: "
+            f"{each(names[2], names[1])}); 2 replicas = {two / one:.2f}x 1 replica"
         )
     lines.append("")
     for name in names:

@@ -29,8 +29,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_process(args: list[str], port: int, log: Path, timeout: float = 600) -> Iterator[str]:
-    """Start ``python ARGS`` (a server on ``port``), wait for /health 200, yield its URL, stop it by PID."""
+def server_process(
+    args: list[str], port: int, log: Path, timeout: float = 600, health_path: str = "/health"
+) -> Iterator[str]:
+    """Start ``python ARGS`` (a server on ``port``), wait for ``health_path`` 200, yield its URL, stop it by PID."""
     url = f"http://127.0.0.1:{port}"
     with log.open("w") as log_file:
         process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
@@ -40,7 +42,7 @@ def server_process(args: list[str], port: int, log: Path, timeout: float = 600) 
             if process.poll() is not None:
                 raise RuntimeError(f"server exited early; see {log}:\n{log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(url + health_path, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

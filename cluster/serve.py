@@ -13,10 +13,10 @@ has finished. The app's own lifespan returns at once and loads the model in the 
 server can answer ``/health`` 503 meanwhile); here the start-up also waits until the model is loaded, so a replica
 whose model is still loading never gets a request, and a replica whose model fails to load fails to start (Serve
 retries it, and reports the error in ``serve status``). ``check_health`` fails once the model turns unhealthy (a
-broken device), and Serve replaces the replica. So whichever replica answers a request, its model is loaded. While
-no replica of an application is running yet, Serve holds requests (``/health`` included) at the proxy until one is;
-once one is, ``GET /health`` answers 503 (``"status": "loading"`` and the replicas' states) until every replica of
-the deployment is ready, as after a deploy or an update (``HealthWaitsForEveryReplica``), then 200.
+broken device), and Serve replaces the replica. So whichever replica answers a request, its model is loaded, and
+``GET /health`` is that replica's own answer: a node whose requests are served stays in a load balancer's rotation
+while one replica of several is lost or replaced. While no replica of an application is running, Serve's proxy holds
+requests (``/health`` included) until one is; the front door (cluster/front.py) answers 503 then.
 
 The builders' ``args`` are the services' settings, under the names of their flags (``max_batch_size`` or
 ``max-batch-size``); what they leave out comes from the same environment variables as the standalone services
@@ -35,13 +35,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
@@ -49,7 +47,7 @@ from ray.serve.deployment import Deployment
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.api.app import Runtime
-from common.api.middleware import app_path
+from common.api.middleware import ReleaseMemoryAfterLargeBodies
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel
 from common.errors import EmbedError
@@ -72,14 +70,6 @@ ADMIN_PATHS = ("/admin/sleep", "/admin/wake")
 
 # How often a starting replica looks at whether its model has loaded.
 READY_POLL_S = 0.05
-
-# How long a replica reuses what Serve's controller said about its deployment, for GET /health: a probe every few
-# milliseconds from several load balancers asks the controller at most once a second per replica.
-DEPLOYMENT_STATUS_TTL_S = 1.0
-# Deployment states in which some of the replicas Serve wants are not running: deploying or updating (replicas still
-# loading their model), or replicas that fail their health checks or fail to start. Up- and downscaling do not
-# count: the deployment serves all along, and a load balancer must not take it out of rotation for that.
-NOT_EVERY_REPLICA_READY = {"UPDATING": "loading", "UNHEALTHY": "unhealthy", "DEPLOY_FAILED": "unhealthy"}
 
 # Deployment options that differ from Serve's defaults, each overridable from the config file.
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {
@@ -165,55 +155,6 @@ class ProxyAddsRequestId:
         await self.app(scope, receive, send_without_id)
 
 
-DeploymentStatus = tuple[str, dict[str, int]]  # Serve's status of a deployment, and its replicas' states
-
-
-def own_deployment_status() -> DeploymentStatus:
-    """What Serve's controller says about the deployment of the replica that calls it."""
-    context = serve.get_replica_context()
-    application_status = serve.status().applications.get(context.app_name)
-    deployment = application_status.deployments.get(context.deployment) if application_status else None
-    if deployment is None:  # not yet registered: the application is still being deployed
-        return "UPDATING", {}
-    # Typed as str enums, given as plain strings at times: the same values either way.
-    states = {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
-    return str(getattr(deployment.status, "value", deployment.status)), states
-
-
-class HealthWaitsForEveryReplica:
-    """``GET /health`` (and HEAD) answers 503 while not every replica of the deployment is ready: deploying or
-    updating, or replicas that fail (``NOT_EVERY_REPLICA_READY``). The body has the standalone service's ``status``
-    ("loading" or "unhealthy") and the replicas' states, with Retry-After; otherwise the app's own /health answers.
-    A replica whose controller cannot be reached answers for itself."""
-
-    def __init__(self, app: ASGIApp, deployment_status: Callable[[], DeploymentStatus] = own_deployment_status) -> None:
-        self.app = app
-        self.deployment_status = deployment_status
-        self._known: tuple[float, DeploymentStatus | None] | None = None  # when asked, and the answer
-        self._asking = asyncio.Lock()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and app_path(scope) == "/health":
-            status = await self._status()
-            if status is not None and status[0] in NOT_EVERY_REPLICA_READY:
-                body = {"status": NOT_EVERY_REPLICA_READY[status[0]], "replicas": status[1]}
-                await JSONResponse(body, status_code=503, headers={"Retry-After": "5"})(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    async def _status(self) -> DeploymentStatus | None:
-        """The deployment's status, or None when the controller could not say (asked at most once per TTL)."""
-        async with self._asking:
-            if self._known is None or time.monotonic() - self._known[0] > DEPLOYMENT_STATUS_TTL_S:
-                status: DeploymentStatus | None = None
-                try:
-                    status = await asyncio.to_thread(self.deployment_status)
-                except Exception as exc:  # noqa: BLE001 - whatever the reason, the replica answers for itself
-                    logger.warning("could not ask Serve's controller for the deployment's status: %r", exc)
-                self._known = (time.monotonic(), status)
-            return self._known[1]
-
-
 class EmbeddingReplica:
     """One replica: the service's app, built in the replica's process, with its own model and micro-batcher."""
 
@@ -235,8 +176,9 @@ class EmbeddingReplica:
         refuse_admin_routes(app)
         self.runtime = app.state.runtime
         self._start_only_once_loaded(app, app.state.runtime)
-        app.add_middleware(HealthWaitsForEveryReplica)
-        app.add_middleware(ProxyAddsRequestId)  # outermost: after the access log has added the header
+        app.add_middleware(ProxyAddsRequestId)  # after the access log has added the header
+        # Outermost: a large body arrives as Serve's messages, which glibc's heap keeps once freed.
+        app.add_middleware(ReleaseMemoryAfterLargeBodies)
         return app
 
     def _load(self) -> EmbeddingModel:

@@ -62,6 +62,10 @@ class InvalidRequestBody(EmbedError, status=422, type="invalid_request_error", c
     """The body does not match the route's schema (wrong types, missing fields, invalid JSON)."""
 
 
+class NotFound(EmbedError, status=404, type="invalid_request_error", code="not_found"):
+    """No route at that path (the framework's own 404 has the same envelope)."""
+
+
 class PayloadTooLarge(EmbedError, status=413, type="invalid_request_error", code="payload_too_large"): ...
 
 

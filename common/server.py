@@ -22,6 +22,7 @@ from typing import Generic
 
 import uvicorn
 from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp
 
 from common.api import admin_routes, image_routes, text_routes
 from common.api.app import Runtime, create_app
@@ -146,9 +147,10 @@ class EmbedServer(uvicorn.Server):
     """uvicorn's server, with the service's shutdown: every stop signal drains (uvicorn knows only SIGINT and
     SIGTERM, and re-raises them once done, which would kill the process with status -15), and the requests still
     queued when the drain time is over are failed with 503 ``not_ready`` and Retry-After, an answer a client can
-    act on, instead of being cancelled into uvicorn's plain-text 500 with a traceback each."""
+    act on, instead of being cancelled into uvicorn's plain-text 500 with a traceback each. Without a ``runtime``
+    (a server that holds no model: the Ray Serve front door) the drain ends as uvicorn's does."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, drain_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: Runtime | None, drain_s: float) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.drain_s = drain_s
@@ -174,6 +176,8 @@ class EmbedServer(uvicorn.Server):
             deadline.cancel()
 
     def _end_drain(self) -> None:
+        if self.runtime is None:
+            return
         logger.warning("shutdown: drain time (%g s) is over; refusing the requests still queued with 503", self.drain_s)
         self.runtime.refuse_queued_work("the service is shutting down")
 
@@ -206,6 +210,12 @@ def connection_limit(wanted: int) -> int:
 
 def build_server(app: FastAPI, settings: ServiceSettings) -> EmbedServer:
     """The uvicorn server for ``app``, with the limits of ``settings``; ``run()`` serves until stopped."""
+    return limited_server(app, settings, app.state.runtime)
+
+
+def limited_server(app: ASGIApp, settings: ServiceSettings, runtime: Runtime | None) -> EmbedServer:
+    """A uvicorn server on ``settings.host``/``port`` with the connection limits of ``settings`` (header size and
+    time, open connections) and the service's shutdown; ``runtime`` is the model's, if the server holds one."""
     limits = ConnectionLimits(
         max_connections=connection_limit(settings.max_connections),
         max_header_bytes=settings.max_header_bytes,
@@ -220,7 +230,7 @@ def build_server(app: FastAPI, settings: ServiceSettings) -> EmbedServer:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s + SHUTDOWN_GRACE_S),
         access_log=False,
     )
-    return EmbedServer(config, app.state.runtime, settings.shutdown_timeout_s)
+    return EmbedServer(config, runtime, settings.shutdown_timeout_s)
 
 
 def serve(app: FastAPI, settings: ServiceSettings) -> int:

@@ -13,8 +13,10 @@ The client speaks ``POST /v1/embeddings`` with ``encoding_format="base64"`` (vec
 float32, several times smaller and faster to parse than JSON floats) and images as ``data:image/...;base64,`` URIs.
 It falls back to the native ``/embed/images`` and ``/embed/texts`` routes when a server answers 404 for
 ``/v1/embeddings``. Requests are split to the server's ``limits.max_items_per_request`` and ``max_body_bytes``
-(read once from ``GET /info``). 429 and 503 (queue full, model loading) and connection errors are retried with
-exponential backoff and jitter, honouring ``Retry-After``; other errors raise ``ServiceError`` at once. Images sent
+(read once from ``GET /info``). 429 and 503 (queue full, model loading), 502 and 504 and connection errors are
+retried with exponential backoff and jitter, honouring ``Retry-After``; a 500 (what a request in flight on a dying
+Ray Serve replica gets; embedding is idempotent) is retried the same way, at most twice; other errors raise
+``ServiceError`` at once. Images sent
 to a service whose ``/info`` says it does not embed them raise ``WrongService`` before anything is sent.
 """
 

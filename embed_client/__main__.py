@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight (default 4)")
     index.add_argument("--chunk-size", type=positive_int, default=None, help="images per request (default: server)")
     index.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
-    index.add_argument("--retries", type=int, default=5, help="retries on 429/503/connection errors (default 5)")
+    index.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="retries on 429/502/503/504/connection errors (default 5; a 500 at most twice)",
+    )
     index.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a loading model (default 300)")
     index.add_argument(
         "--reindex",

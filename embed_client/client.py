@@ -26,8 +26,12 @@ from common.formats import is_image_data_uri, sniff_image_type
 logger = logging.getLogger("embed_client")
 
 # Worth retrying: the queue is full (429), the model is loading or a request timed out (503), a proxy in between
-# lost the backend (502, 504). Anything else will fail the same way again.
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# lost the backend (502, 504), or a server error (500), which is what a request in flight on a Ray Serve replica
+# that dies gets. Embedding is idempotent, so a retry is safe. Anything else will fail the same way again.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A 500 is retried at most this many times (with the same backoff): one that an item causes every time must not
+# cost the indexer a long wait per chunk before it looks for the item.
+SERVER_ERROR_RETRIES = 2
 # How long a request keeps waiting, by default, while the service's model is held asleep (503 "asleep": its GPU is
 # lent to an image generator): such answers are waited out without counting as retries, up to this long in all.
 DEFAULT_MAX_HOLD_S = 3600.0
@@ -383,7 +387,10 @@ class EmbedClient:
                         logger.info("%s %s: the model is held asleep, waiting %.2f s", method, path, delay)
                         self._sleep(delay)
                         continue
-                if response.status_code not in retry_statuses or attempt >= self.max_retries:
+                retries = (
+                    min(self.max_retries, SERVER_ERROR_RETRIES) if response.status_code == 500 else self.max_retries
+                )
+                if response.status_code not in retry_statuses or attempt >= retries:
                     return response
                 delay = self._backoff(attempt) if retry_after is None else min(retry_after, self.max_backoff_s)
                 why = f"HTTP {response.status_code}"

@@ -1,19 +1,27 @@
-"""The services on Ray Serve (cluster/serve.py, cluster/serve_config.yaml).
+"""The services on Ray Serve (cluster/serve.py, cluster/front.py, cluster/serve_config*.yaml).
 
-A local Ray (2 CPUs, and three declared GPUs so that the config file's GPU fractions can be scheduled; the replicas
-still run on the CPU) gets both applications, 2 replicas each, from the config file through ``serve run``, as a
-user would start them. Every answer through the proxy is compared with the standalone app of the same settings
-(``build_app`` in a TestClient): every route, batched and concurrent, the openai client, ``EmbedClient`` and the
-indexer against the ``/siglip2`` prefix, the error envelope, the API key and request ids. Then: a replica whose
-model is loading gets no request, and a replica killed under load is replaced. The first part of the module needs
-no Ray: the pieces of cluster/serve.py on their own.
+A local Ray (2 CPUs, no GPU, as on a laptop) gets both applications, 2 replicas each, from the CPU config file
+through ``python -m cluster.front``, as a user would start them: Serve, and the front door on the config's port.
+Every answer through the front door is compared with the standalone app of the same settings (``build_app`` in a
+TestClient): every route, batched and concurrent, the openai client, ``EmbedClient`` and the indexer against the
+``/siglip2`` prefix, the error envelope, the API key and request ids. Then what a standalone service refuses, sent to
+the front door: header floods (431), idle connections (closed), connections past the cap (503), unauthenticated or
+oversized uploads (401 and 413 after a few MB at most), slow bodies (408, and the application answers meanwhile),
+and memory after large uploads; a replica whose model is loading gets no request, and a replica killed under load
+is replaced while ``/health`` stays 200. ``EMBED_TESTS_DOOR=serve`` sends those hostile requests to Serve's own
+proxy instead (on loopback behind the front door), to see each of them fail there. The first part of the module
+needs no Ray: the pieces of cluster/serve.py on their own.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import functools
+import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -31,10 +39,9 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 import yaml
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from cluster.serve import EmbeddingReplica, HealthWaitsForEveryReplica, application, settings_from_args
+from cluster.serve import EmbeddingReplica, application, settings_from_args
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel
 from embed_client import EmbedClient
@@ -44,9 +51,11 @@ from siglip2_embed import Siglip2Service, Siglip2Settings, load
 from siglip2_embed import build_app as build_image_app
 from tests.doc_examples import claimed_command
 from tests.helpers import image_bytes, photo_like, ready_client
+from tests.live_server import error_code, read_response, request_bytes, send_quietly
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "cluster" / "serve_config.yaml"
+CPU_CONFIG = ROOT / "cluster" / "serve_config_cpu.yaml"
 KEY = "cluster-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 JPEG = image_bytes(photo_like(64, 48, seed=1), "JPEG")
@@ -55,6 +64,9 @@ B64 = base64.b64encode(PNG).decode()
 DATA_URI = "data:image/png;base64," + B64
 JSON = "application/json"
 
+# Connection limits for both applications (the front door takes the largest any sets): a header time of 2 s, so
+# that idle connections are closed soon, and a connection cap the tests can reach.
+CONNECTION_ARGS: dict[str, Any] = {"header_timeout_s": 2.0, "max_connections": 400}
 # The image service's settings in both worlds; flag-style names, as a config file may write them.
 SIGLIP_ARGS: dict[str, Any] = {
     "api-key": KEY,
@@ -63,8 +75,16 @@ SIGLIP_ARGS: dict[str, Any] = {
     "max_body_bytes": 1_000_000,
     "device": "cpu",
     "log_level": "warning",
+    **CONNECTION_ARGS,
 }
-QWEN3_ARGS: dict[str, Any] = {"device": "cpu", "log_level": "warning"}
+# The text service takes large bodies (for the memory test) and times a body out after 10 s (the slow-body test).
+QWEN3_ARGS: dict[str, Any] = {
+    "device": "cpu",
+    "log_level": "warning",
+    "max_body_bytes": 128 * 1024 * 1024,
+    "body_timeout_s": 10.0,
+    **CONNECTION_ARGS,
+}
 
 
 def siglip_settings(model: Path) -> Siglip2Settings:
@@ -156,54 +176,6 @@ def test_a_replica_whose_model_fails_to_load_fails_to_start_saying_why(
         pass
 
 
-class ScriptedDeployment:
-    """Stands in for Serve's controller, which runs only on a Ray cluster (the Ray tests below ask the real one)."""
-
-    def __init__(self, status: str, replicas: dict[str, int]) -> None:
-        self.answer: tuple[str, dict[str, int]] | Exception = (status, replicas)
-        self.asked = 0
-
-    def __call__(self) -> tuple[str, dict[str, int]]:
-        self.asked += 1
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer
-
-
-def _health_app(controller: ScriptedDeployment) -> TestClient:
-    app = FastAPI()
-    app.get("/health")(lambda: {"status": "ok"})
-    app.post("/embed/text")(lambda: {"dimension": 1})
-    return TestClient(HealthWaitsForEveryReplica(app, deployment_status=controller), root_path="/siglip2")
-
-
-def test_health_is_503_until_every_replica_is_ready(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cluster.serve.DEPLOYMENT_STATUS_TTL_S", 0.0)
-    controller = ScriptedDeployment("UPDATING", {"RUNNING": 1, "STARTING": 1})
-    client = _health_app(controller)
-    response = client.get("/siglip2/health")
-    assert response.status_code == 503 and response.headers["retry-after"] == "5"
-    assert response.json() == {"status": "loading", "replicas": {"RUNNING": 1, "STARTING": 1}}
-    assert client.post("/siglip2/embed/text").status_code == 200  # the ready replica serves meanwhile
-    controller.answer = ("UNHEALTHY", {"RUNNING": 1, "STARTING": 1})
-    assert client.get("/siglip2/health").json()["status"] == "unhealthy"
-    for serving in ("HEALTHY", "UPSCALING", "DOWNSCALING"):  # autoscaling never takes it out of a load balancer
-        controller.answer = (serving, {"RUNNING": 2, "STARTING": 1})
-        assert client.get("/siglip2/health").json() == {"status": "ok"}, serving
-    controller.answer = RuntimeError("the controller is restarting")
-    assert client.get("/siglip2/health").status_code == 200  # the replica answers for itself
-
-
-@pytest.mark.parametrize("answer", [("HEALTHY", {"RUNNING": 2}), RuntimeError("no controller")])
-def test_health_asks_the_controller_at_most_once_a_second(answer: Any) -> None:
-    controller = ScriptedDeployment("HEALTHY", {})
-    controller.answer = answer
-    client = _health_app(controller)
-    for _ in range(20):
-        assert client.get("/siglip2/health").status_code == 200
-    assert controller.asked == 1
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # A local Ray with both applications from the config file
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,9 +183,13 @@ def test_health_asks_the_controller_at_most_once_a_second(answer: Any) -> None:
 
 @dataclass
 class Cluster:
-    base: str  # http://127.0.0.1:PORT
+    base: str  # the front door: http://127.0.0.1:PORT
     siglip: str  # .../siglip2
     qwen3: str  # .../qwen3
+    serve_base: str  # Serve's own proxy, on loopback behind the front door
+    gcs_address: str
+    front_pid: int
+    startup_health: list[tuple[int, Any]]  # /siglip2/health through the front door while the replicas started
 
 
 def free_port() -> int:
@@ -233,6 +209,13 @@ def replica_states(app: str, deployment_name: str | None = None) -> dict[str, in
     return {str(getattr(state, "value", state)): count for state, count in states.items()}
 
 
+def replica_status(app: str) -> str | None:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    return str(getattr(status.status, "value", status.status)) if status is not None else None
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     from ray import serve
 
@@ -243,8 +226,8 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def config_for_tests(tiny_zimage: Path, port: int, replicas: int, num_cpus: float) -> dict[str, Any]:
-    """cluster/serve_config.yaml with a free port, the test's replica counts and CPUs, and tiny models."""
-    config: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
+    """cluster/serve_config_cpu.yaml with a free port, the test's replica counts and CPUs, and tiny models."""
+    config: dict[str, Any] = yaml.safe_load(CPU_CONFIG.read_text())
     config["http_options"]["port"] = port
     apps = {app["name"]: app for app in config["applications"]}
     assert {name: app["route_prefix"] for name, app in apps.items()} == {"siglip2": "/siglip2", "qwen3": "/qwen3"}
@@ -252,51 +235,78 @@ def config_for_tests(tiny_zimage: Path, port: int, replicas: int, num_cpus: floa
     apps["qwen3"]["args"] = {"model": str(tiny_zimage), **QWEN3_ARGS}
     for app in apps.values():
         (deployment,) = app["deployments"]
-        assert 0 < deployment["ray_actor_options"]["num_gpus"] < 1
+        assert deployment["ray_actor_options"]["num_gpus"] == 0
         deployment["num_replicas"] = replicas
         deployment["ray_actor_options"]["num_cpus"] = num_cpus
     return config
 
 
+def health_now(url: str) -> tuple[int, Any]:
+    """GET /health, answered within 10 s (a request Serve's proxy would hold until a replica runs is not)."""
+    response = requests.get(url + "/health", timeout=10)
+    return response.status_code, response.json()
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_siglip: Path, tiny_zimage: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Both applications started by ``python -m cluster.front`` on a local Ray, and stopped by its SIGTERM, which
+    must stop Serve too."""
     import ray
     from ray import serve
 
-    port = free_port()
-    config_path = tmp_path_factory.mktemp("serve") / "serve_config.yaml"
+    port, serve_port = free_port(), free_port()
+    folder = tmp_path_factory.mktemp("serve")
+    config_path = folder / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config_for_tests(tiny_zimage, port, replicas=2, num_cpus=0.25)))
-    with pytest.MonkeyPatch.context() as env:
-        # Read where Ray builds the application: its processes inherit this process's environment.
-        env.setenv("SIGLIP2_MODEL", str(tiny_siglip))
+    # The model from SIGLIP2_MODEL, read where Ray builds the application and by the front door: both inherit this
+    # process's environment (the front door's taken after ray.init, which adds what a driver needs to connect).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SIGLIP2_MODEL", str(tiny_siglip))
         ray.init(
-            num_cpus=2,
-            # Declared only, for the config's GPU fractions (2 x 0.3 + 2 x 0.6; a fraction must fit on one GPU, and
-            # Ray packs them greedily); the replicas use the CPU.
-            num_gpus=3,
-            include_dashboard=False,
-            object_store_memory=400 * 1024 * 1024,
-            log_to_driver=False,
+            num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=400 * 1024 * 1024, log_to_driver=False
         )
+        env = dict(os.environ)
+    address = ray.get_runtime_context().gcs_address
+    # The command of docs/ray.md, with the test's config (derived from that file), on the test's Ray.
+    command = claimed_command(
+        "tests/test_cluster_serve.py::cluster",
+        {str(CPU_CONFIG.relative_to(ROOT)): str(config_path)},
+        ["--address", address, "--serve-port", str(serve_port)],
+    )
+    with open(folder / "front.log", "wb") as log:
+        front = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    startup: list[tuple[int, Any]] = []
     try:
-        address = ray.get_runtime_context().gcs_address
-        # The command of docs/ray.md, with the test's config (from that file), on the test's Ray.
-        command = claimed_command(
-            "tests/test_cluster_serve.py::cluster",
-            {str(CONFIG.relative_to(ROOT)): str(config_path)},
-            ["--non-blocking", "--address", address, "--app-dir", str(ROOT)],
+
+        def running() -> bool:
+            assert front.poll() is None, (folder / "front.log").read_text()[-3000:]
+            with contextlib.suppress(requests.ConnectionError):  # the front door is not listening yet
+                startup.append(health_now(base + "/siglip2"))
+            failed = [app for app in ("siglip2", "qwen3") if replica_status(app) == "DEPLOY_FAILED"]
+            assert not failed, f"{failed} failed to deploy: {serve.status()}"
+            return all(replica_states(app).get("RUNNING", 0) == 2 for app in ("siglip2", "qwen3"))
+
+        wait_for(running, timeout=240, what="both applications to run 2 replicas")
+        wait_for(lambda: health_now(base + "/siglip2")[0] == 200, 30, "the front door to see them")
+        yield Cluster(
+            base, base + "/siglip2", base + "/qwen3", f"http://127.0.0.1:{serve_port}", address, front.pid, startup
         )
-        subprocess.run(command, cwd=ROOT, check=True, timeout=180, capture_output=True)
-        wait_for(
-            lambda: all(replica_states(app).get("RUNNING", 0) == 2 for app in ("siglip2", "qwen3")),
-            timeout=180,
-            what="both applications to run 2 replicas",
-        )
-        base = f"http://127.0.0.1:{port}"
-        yield Cluster(base, base + "/siglip2", base + "/qwen3")
+        front.send_signal(signal.SIGTERM)
+        assert front.wait(timeout=120) == 0, (folder / "front.log").read_text()[-3000:]
+        serve_actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE" in a["name"]]
+        assert serve_actors == [], serve_actors  # Serve was stopped with the front door
     finally:
-        serve.shutdown()
+        if front.poll() is None:
+            front.kill()
+            front.wait()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def door(cluster: Cluster) -> str:
+    """Where the hostile requests go: the front door, or Serve's own proxy (``EMBED_TESTS_DOOR=serve``)."""
+    return cluster.serve_base if os.environ.get("EMBED_TESTS_DOOR") == "serve" else cluster.base
 
 
 @pytest.fixture(scope="module")
@@ -560,17 +570,16 @@ def test_no_request_reaches_a_replica_that_is_loading(
     deploying = threading.Thread(target=serve.run, args=(held,), kwargs={"name": "held", "route_prefix": "/held"})
     deploying.start()
     try:
-        url = cluster.base + "/held"
+        url = cluster.serve_base + "/held"  # an application outside the front door's config: Serve's own proxy
         wait_for(lambda: (gates / "loading-2").exists(), 120, "both replicas to start loading")
         # Nothing is ready: the proxy holds the request rather than sending it to a loading replica.
         held_health = requests.get(url + "/health", headers={"X-Request-Timeout-Seconds": "1"}, timeout=30)
         assert held_health.status_code == 408, held_health.text
         (gates / "1").touch()
-        # One replica is ready, the other loads: /health says so, while requests are served.
-        wait_for(lambda: requests.get(url + "/health", timeout=60).status_code == 503, 60, "the first replica")
+        # One replica is ready, the other loads: requests are served, /health too (by the ready replica).
+        wait_for(lambda: replica_states("held", "siglip2") == {"RUNNING": 1, "STARTING": 1}, 60, "the first replica")
         health = requests.get(url + "/health", timeout=60)
-        assert health.json() == {"status": "loading", "replicas": {"RUNNING": 1, "STARTING": 1}}, health.text
-        assert replica_states("held", "siglip2") == {"RUNNING": 1, "STARTING": 1}
+        assert health.status_code == 200 and health.json()["status"] == "ok", health.text
         # Every request goes to the ready replica; the loading one would have answered 503 "not_ready".
         codes = collections.Counter(
             requests.post(url + "/embed/text", json={"text": f"t{i}"}, timeout=30).status_code for i in range(30)
@@ -580,7 +589,6 @@ def test_no_request_reaches_a_replica_that_is_loading(
         (gates / "2").touch()
         deploying.join(timeout=120)
         assert replica_states("held", "siglip2") == {"RUNNING": 2}
-        wait_for(lambda: requests.get(url + "/health", timeout=60).status_code == 200, 10, "every replica ready")
     finally:
         (gates / "1").touch()
         (gates / "2").touch()
@@ -588,10 +596,20 @@ def test_no_request_reaches_a_replica_that_is_loading(
         serve.delete("held")
 
 
+def actor_pid(name: str) -> int:
+    """The process of a named Ray actor (a Serve replica or proxy), asked in the actor itself."""
+    import ray
+
+    actor = ray.get_actor(name, namespace="serve")
+    pid: Any = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    return int(pid)
+
+
 @pytest.mark.slow
-def test_a_killed_replica_is_replaced(cluster: Cluster) -> None:
-    """Only the requests in flight on the killed replica fail (Serve answers them 500, not in the envelope); Serve
-    starts a new replica and the load goes on."""
+def test_a_killed_replica_is_replaced_and_health_stays_200(cluster: Cluster, door: str) -> None:
+    """``kill -9`` of one of two replicas under load: only the requests in flight on it fail (Serve answers them
+    500, not in the envelope), Serve starts a new replica and the load goes on, and ``/health`` answers 200
+    throughout: the node serves all along, so a load balancer must keep it."""
     import ray
 
     def replicas() -> set[str]:
@@ -601,6 +619,7 @@ def test_a_killed_replica_is_replaced(cluster: Cluster) -> None:
     before = replicas()
     assert len(before) == 2
     results: collections.Counter[int | str] = collections.Counter()
+    health: collections.Counter[int | str] = collections.Counter()
     stop = threading.Event()
     threads = 8
 
@@ -608,20 +627,26 @@ def test_a_killed_replica_is_replaced(cluster: Cluster) -> None:
         session = requests.Session()
         while not stop.is_set():
             try:
-                response = session.post(
-                    cluster.siglip + "/embed/texts", json={"texts": ["a cat", "a dog"]}, headers=AUTH, timeout=60
-                )
+                response = session.post(door + "/siglip2/embed/texts", json={"texts": ["a cat", "a dog"]}, headers=AUTH)
                 results[response.status_code] += 1
             except requests.RequestException as exc:
                 results[type(exc).__name__] += 1
 
-    workers = [threading.Thread(target=client) for _ in range(threads)]
+    def prober() -> None:
+        while not stop.is_set():
+            try:
+                health[requests.get(door + "/siglip2/health", timeout=10).status_code] += 1
+            except requests.RequestException as exc:
+                health[type(exc).__name__] += 1
+            time.sleep(0.1)
+
+    workers = [threading.Thread(target=client) for _ in range(threads)] + [threading.Thread(target=prober)]
     for worker in workers:
         worker.start()
     try:
         wait_for(lambda: results[200] >= 50, 60, "load")
         victim = sorted(before)[0]
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        os.kill(actor_pid(victim), signal.SIGKILL)
         killed_at = time.monotonic()
         wait_for(
             lambda: len(replicas() - before) == 1 and replica_states("siglip2") == {"RUNNING": 2},
@@ -636,6 +661,238 @@ def test_a_killed_replica_is_replaced(cluster: Cluster) -> None:
         for worker in workers:
             worker.join()
     failures = {status: count for status, count in results.items() if status != 200}
-    sys.stderr.write(f"killed replica: {dict(results)}, replaced after {replaced_after:.1f} s\n")
+    sys.stderr.write(f"killed replica: {dict(results)}, health {dict(health)}, replaced after {replaced_after:.1f} s\n")
     # at most the requests that were in flight on it: each client has one request in flight at a time
     assert sum(failures.values()) <= threads and set(failures) <= {500}, failures
+    assert set(health) == {200} and health[200] >= 10, health
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a standalone service refuses, sent to the front door (or, with EMBED_TESTS_DOOR=serve, to Serve's proxy)
+# ---------------------------------------------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def connect_to(base: str, timeout: float = 30.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def upload_until_answered(sock: socket.socket, head: bytes, total: int, chunk: int = MIB) -> int:
+    """Sends ``head`` then a chunked body of ``total`` bytes until the server answers or closes; returns how many
+    body bytes the server took in (sent, less what may still sit in the sockets' buffers)."""
+    sock.sendall(head)
+    frame = b"%x\r\n" % chunk + b"a" * chunk + b"\r\n"
+    sent = 0
+    while sent < total:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable or not send_quietly(sock, frame):
+            break
+        sent += chunk
+    return sent
+
+
+def chunked_head(path: str, headers: dict[str, str]) -> bytes:
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Transfer-Encoding: chunked",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.slow
+def test_the_front_door_says_loading_while_no_replica_runs(cluster: Cluster) -> None:
+    """A fresh deploy: until a replica has loaded its model, /health answered at once, 503 with the replicas'
+    states (Serve's proxy would hold the request until a replica runs); then 200."""
+    codes = [status for status, _ in cluster.startup_health]
+    assert codes and set(codes) <= {200, 503} and codes[-1] == 200, cluster.startup_health
+    loading = [body for status, body in cluster.startup_health if status == 503]
+    assert loading and all(body["status"] == "loading" and "replicas" in body for body in loading), loading
+
+
+@pytest.mark.slow
+def test_header_floods_and_invalid_requests_get_the_envelope(cluster: Cluster, door: str) -> None:
+    for headers in ({"X-Big": "y" * MIB}, {f"X-{i}": "y" for i in range(5000)}):
+        with connect_to(door) as sock:
+            send_quietly(sock, request_bytes("GET", "/siglip2/health", headers=headers))
+            status, response_headers, body = read_response(sock)
+            assert (status, error_code(body), response_headers["connection"]) == (431, "headers_too_large", "close")
+    # What Serve's proxy answers in plain text ("400 Invalid HTTP request received."), in the envelope here.
+    for request, expected in (
+        (
+            b"GET /siglip2/health?" + b"q" * 100_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            (431, "headers_too_large"),
+        ),
+        (b"POST /siglip2/embed/text HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n", (400, "invalid_input")),
+    ):
+        with connect_to(door) as sock:
+            send_quietly(sock, request)
+            status, _, body = read_response(sock)
+            assert (status, error_code(body)) == expected
+    assert requests.get(door + "/siglip2/health", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_idle_connections_are_closed_and_connections_are_capped(cluster: Cluster, door: str) -> None:
+    """Idle connections are closed after header_timeout_s (2 s here); past max_connections (400 here) a new
+    connection is answered 503 at once."""
+    idle = [connect_to(door) for _ in range(300)]
+    started = time.monotonic()
+    try:
+        for sock in idle:
+            sock.settimeout(max(0.1, started + 20 - time.monotonic()))
+            assert sock.recv(1) == b""  # closed by the server (a timeout here fails the test)
+        assert time.monotonic() - started < 20
+    finally:
+        for sock in idle:
+            sock.close()
+    held = [connect_to(door) for _ in range(CONNECTION_ARGS["max_connections"])]
+    try:
+        with connect_to(door, timeout=10) as refused:
+            status, headers, body = read_response(refused)
+            assert (status, error_code(body), headers["retry-after"]) == (503, "too_many_connections", "1")
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)  # the front door sees the connections go
+    assert requests.get(door + "/siglip2/health", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_uploads_are_refused_before_they_are_read(cluster: Cluster, door: str) -> None:
+    """While authenticated slow bodies hold more requests than both replicas take at once (2 x 128), an
+    unauthenticated 300 MiB chunked upload is 401 after its headers, and an authenticated one over max_body_bytes
+    413 once past the limit: a few MB taken in at most (the sockets' buffers), never the upload. (Serve's proxy
+    reads the body of a request that waits for a replica whole, before the app could look at its key or size.)"""
+    head = request_bytes("POST", "/siglip2/embed/texts", b"{", {**AUTH, "Content-Type": JSON}, content_length=500_000)
+    slow = [connect_to(door, timeout=60) for _ in range(260)]
+    try:
+        for sock in slow:
+            sock.sendall(head)
+        for headers, expected in (
+            ({"Content-Type": JSON}, (401, "invalid_api_key")),
+            ({**AUTH, "Content-Type": JSON}, (413, "payload_too_large")),
+        ):
+            with connect_to(door) as sock:
+                taken = upload_until_answered(sock, chunked_head("/siglip2/embed/texts", headers), 300 * MIB)
+                status, _, body = read_response(sock)
+                assert (status, error_code(body)) == expected
+                assert taken <= 40 * MIB, f"{taken / MIB:.0f} MiB were read before the {status}"
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+@pytest.mark.slow
+def test_slow_bodies_hold_no_replica(cluster: Cluster, door: str) -> None:
+    """260 connections that each declare a body and send a byte every 3 s (more than both replicas' 128 slots):
+    /health and a text are answered within 1 s throughout, and each slow body gets 408 after body_timeout_s."""
+    head = request_bytes("POST", "/qwen3/embed/texts", b"{", {"Content-Type": JSON}, content_length=500_000)
+    slow = [connect_to(door, timeout=60) for _ in range(260)]
+    try:
+        for sock in slow:
+            sock.sendall(head)
+        started = time.monotonic()
+        slowest = 0.0
+        answered = 0
+        last_trickle = started
+        while time.monotonic() - started < QWEN3_ARGS["body_timeout_s"] - 2:
+            if time.monotonic() - last_trickle > 3:
+                for sock in slow:
+                    send_quietly(sock, b" ")
+                last_trickle = time.monotonic()
+            for call in (
+                lambda: requests.get(door + "/qwen3/health", timeout=5),
+                lambda: requests.post(door + "/qwen3/embed/text", json={"text": "a cat"}, timeout=5),
+            ):
+                asked = time.monotonic()
+                response = call()
+                slowest = max(slowest, time.monotonic() - asked)
+                assert response.status_code == 200, response.text
+                answered += 1
+            time.sleep(0.3)
+        assert slowest < 1.0 and answered >= 10, (slowest, answered)
+        for sock in slow:
+            status, _, body = read_response(sock)
+            assert (status, error_code(body)) == (408, "body_timeout")
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory: ``VmRSS`` in all, ``RssAnon`` its own (heap, Python objects), ``RssShmem`` the
+    pages of shared memory it touched: in a Ray worker, Ray's object store, which every worker maps."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = {
+        line.split(":")[0]: line.split()[1] for line in lines if line.startswith(("VmRSS", "RssAnon", "RssShmem"))
+    }
+    return {name: int(value) / 1024 for name, value in fields.items()}
+
+
+@pytest.mark.slow
+def test_memory_comes_back_after_large_uploads(cluster: Cluster, door: str) -> None:
+    """Four 100 MiB bodies at once, twice: the front door, Serve's proxy and the replicas that took them hold
+    them only while they are read, then hand their own memory back (within 100 MB of where they started). Serve
+    passes the bodies from its proxy to the replicas through Ray's object store, whose shared pages VmRSS counts in
+    every process that touched them: the store's, bounded by its size (400 MB here) however many uploads come."""
+    import ray
+
+    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    processes = {"front door": cluster.front_pid}
+    (proxy,) = (name for name in actors if name.startswith("SERVE_PROXY_ACTOR"))
+    processes["Serve's proxy"] = actor_pid(proxy)
+    processes |= {name: actor_pid(name) for name in actors if name.startswith("SERVE_REPLICA::qwen3#")}
+    assert len(processes) == 4, processes
+    body = b'{"texts": ["' + b"a" * (100 * MIB) + b'"]}'
+
+    def upload(_: int) -> int:
+        response = requests.post(door + "/qwen3/embed/texts", data=body, headers={"Content-Type": JSON}, timeout=120)
+        return response.status_code
+
+    baseline = {name: memory_mb(pid) for name, pid in processes.items()}
+    for _ in range(2):
+        with ThreadPoolExecutor(4) as pool:
+            codes = set(pool.map(upload, range(4)))
+        assert codes <= {400, 413, 422}, codes  # the text is far over max_text_chars
+    time.sleep(2)
+    after = {name: memory_mb(pid) for name, pid in processes.items()}
+    sys.stderr.write(f"memory before {baseline}, after {after} (MB)\n")
+    grown = {name: round(after[name]["RssAnon"] - baseline[name]["RssAnon"]) for name in processes}
+    assert all(growth < 100 for growth in grown.values()), grown
+    assert all(after[name].get("RssShmem", 0) <= 400 for name in processes), after
+
+
+@pytest.mark.slow
+def test_a_config_asking_for_gpus_stops_within_seconds_without_them(cluster: Cluster, tmp_path: Path) -> None:
+    """cluster/serve_config.yaml on a cluster without a GPU: a message that names the GPUs it asks for and the CPU
+    config, and exit 1, before anything is deployed (Serve would wait for the GPUs forever)."""
+    config: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
+    config["http_options"]["port"] = free_port()
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    started = time.monotonic()
+    env = {**os.environ, "SIGLIP2_MODEL": "/models/unused"}
+    command = claimed_command(
+        "tests/test_cluster_serve.py::test_a_config_asking_for_gpus_stops_within_seconds_without_them",
+        {str(CONFIG.relative_to(ROOT)): str(path)},
+        ["--address", cluster.gcs_address],
+    )
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "asks for 0.9 GPUs (siglip2: 1 x 0.3 GPU, qwen3: 1 x 0.6 GPU) and the Ray cluster has 0" in result.stderr
+    assert "python -m cluster.front cluster/serve_config_cpu.yaml" in result.stderr
+    assert took < 60, took  # measured: about 5 s, most of it connecting to Ray
+    assert requests.get(cluster.siglip + "/health", timeout=10).status_code == 200  # the running ones untouched

@@ -253,6 +253,20 @@ def test_gives_up_after_max_retries(scripted: ScriptedServer) -> None:
     assert caught.value.status == 503 and caught.value.code == "c503" and len(delays) == 2
 
 
+def test_a_500_is_retried_a_bounded_number_of_times(scripted: ScriptedServer) -> None:
+    """What a request in flight on a dying Ray Serve replica gets: retried (embedding is idempotent) with the 503
+    backoff, at most twice, so that a 500 an item causes every time still reaches the indexer soon."""
+    scripted.failures[:] = [(500, {}), (500, {})]
+    client, delays = recording_client(scripted.url, max_retries=5)
+    np.testing.assert_array_equal(client.embed_texts(["a"]), [fake_vector("a")])
+    assert len(scripted.posts) == 3 and 0.1 <= delays[0] <= 0.2 and 0.2 <= delays[1] <= 0.4
+    scripted.failures[:] = [(500, {})] * 3
+    client, delays = recording_client(scripted.url, max_retries=5)
+    with pytest.raises(ServiceError) as caught:
+        client.embed_texts(["a"])
+    assert caught.value.status == 500 and len(delays) == 2
+
+
 def test_other_4xx_are_not_retried(scripted: ScriptedServer) -> None:
     scripted.failures[:] = [(400, {})]
     client, delays = recording_client(scripted.url)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal, TypedDict
 
@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
+from starlette.middleware import Middleware
 
 from common.api.middleware import AccessLog, RequestBody, RequestGuard
 from common.api.schemas import ERROR_RESPONSES, FastJSONResponse
@@ -254,6 +255,61 @@ async def info(runtime: Annotated[Runtime, Depends(runtime_of)]) -> ServiceInfo 
 
 # -- the factory ------------------------------------------------------------------------------------------------
 
+# Paths that hold no inputs or vectors and never need a key (the OpenAPI pages, not routes of ours, show the API, not
+# data).
+UNPROTECTED_PATHS = frozenset({"/health", "/metrics"})
+
+
+def service_routers(routers: Sequence[APIRouter]) -> list[APIRouter]:
+    """Every router of a service's app: /health, /info, /metrics, then the service's own."""
+    return [service_router, *routers]
+
+
+def route_paths(routers: Sequence[APIRouter]) -> frozenset[str]:
+    """The paths of the routes in ``routers`` (none has path parameters)."""
+    return frozenset(route.path for router in routers for route in router.routes if isinstance(route, APIRoute))
+
+
+def body_paths(routers: Sequence[APIRouter]) -> frozenset[str]:
+    """The paths of the routes that read a request body (every POST route)."""
+    return frozenset(
+        route.path
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute) and "POST" in (route.methods or ())
+    )
+
+
+def request_checks(settings: ServiceSettings, protected_paths: Collection[str]) -> list[Middleware]:
+    """The checks a request passes before it reaches a route, outermost first: CORS (when origins are set), the body
+    limits (size, read time), then the guard (Host, Origin, API key on ``protected_paths``, from the headers alone).
+    The standalone app and the Ray Serve front door (cluster/front.py) both run exactly these, from the same
+    settings, so a deployment under Serve holds the standalone service's bounds by construction."""
+    checks = []
+    if settings.cors_origins:
+        # Outside the guard: a preflight is answered here, and a 401 or 403 carries the CORS headers a page needs
+        # to read it.
+        checks.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                expose_headers=["X-Request-ID"],
+            )
+        )
+    checks.append(Middleware(RequestBody, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s))
+    checks.append(
+        Middleware(
+            RequestGuard,
+            api_key=settings.api_key,
+            protected_paths=protected_paths,
+            allowed_hosts=settings.allowed_hosts,
+            cors_origins=settings.cors_origins,
+        )
+    )
+    return checks
+
 
 def create_app(
     *, title: str, settings: ServiceSettings, load: Callable[[], EmbeddingModel], routers: Sequence[APIRouter]
@@ -276,31 +332,12 @@ def create_app(
     app = FastAPI(title=title, version=SERVICE_VERSION, lifespan=lifespan, default_response_class=FastJSONResponse)
     app.state.runtime = runtime
     install_error_handlers(app)
+    paths = route_paths(service_routers(routers))
     # Added innermost first: AccessLog > CORS > RequestBody > RequestGuard > the routes.
-    route_paths = {
-        route.path for router in (service_router, *routers) for route in router.routes if isinstance(route, APIRoute)
-    }
-    app.add_middleware(
-        RequestGuard,
-        api_key=settings.api_key,
-        # /health and /metrics hold no inputs or vectors (the OpenAPI pages, not listed, show the API, not data).
-        protected_paths=route_paths - {"/health", "/metrics"},
-        allowed_hosts=settings.allowed_hosts,
-        cors_origins=settings.cors_origins,
-    )
-    app.add_middleware(RequestBody, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    if settings.cors_origins:
-        # Outside the guard: a preflight is answered here, and a 401 or 403 carries the CORS headers a page needs
-        # to read it.
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID"],
-        )
+    for check in reversed(request_checks(settings, paths - UNPROTECTED_PATHS)):
+        app.add_middleware(check.cls, *check.args, **check.kwargs)
     # Outermost: sees every response, 413s and 500s included.
-    app.add_middleware(AccessLog, metrics=runtime.metrics, route_paths=route_paths)
+    app.add_middleware(AccessLog, metrics=runtime.metrics, route_paths=paths)
     runtime.metrics.ready.set_function(lambda: 1.0 if runtime.status == "ok" else 0.0)
 
     app.include_router(service_router)

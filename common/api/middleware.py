@@ -8,6 +8,9 @@ stream per request, which showed in the text benchmark). Outermost first:
   decoding; a response sent before the body was read closes the connection; and a request whose client goes away
   is cancelled, so that its queued items never reach the model;
 - ``RequestGuard``: Host, Origin and API key, checked from the headers alone, before a byte of the body is read.
+
+And ``ReleaseMemoryAfterLargeBodies``, for a server that holds whole bodies in memory (the Ray Serve replicas and
+their front door): memory freed after a large body is handed back to the system.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.config import limit_hint
+from common.config import MB, limit_hint
+from common.memory import release_free_memory
 from common.errors import (
     BodyTimeout,
     CrossOrigin,
@@ -45,6 +49,8 @@ MAX_LOGGED_PATH = 300
 # nginx's status for "the client closed the connection before the answer": logged, never sent.
 CLIENT_CLOSED_REQUEST = 499
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# A body this large is followed by malloc_trim: glibc keeps the heap that held it otherwise.
+LARGE_BODY_BYTES = 8 * MB
 
 
 def request_id_from(client_id: str) -> str:
@@ -399,3 +405,29 @@ class RequestGuard(HTTPMiddleware):
             and bool(token)
             and hmac.compare_digest(token.encode("latin-1"), self.api_key)
         )
+
+
+class ReleaseMemoryAfterLargeBodies(HTTPMiddleware):
+    """After a request whose body was large (``LARGE_BODY_BYTES``), the memory freed is handed back to the system
+    (``malloc_trim``). A body received in pieces and joined, or passed on as messages, is served by glibc from its
+    heap, which it keeps once freed: four 250 MB uploads left a Serve replica 330 MB larger for good."""
+
+    def __init__(self, app: ASGIApp, threshold: int = LARGE_BODY_BYTES) -> None:
+        super().__init__(app)
+        self.threshold = threshold
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        finally:
+            if received >= self.threshold:
+                release_free_memory()

@@ -1,0 +1,162 @@
+"""The front door of the Serve deployment (cluster/front.py), the pieces that need no Ray: what the config files ask
+of the cluster, the config Serve gets, and ``/health`` from what Serve's controller says. The front door itself, on
+a local Ray, is tested in test_cluster_serve.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from cluster.front import (
+    DeploymentStatus,
+    HealthWhileNoReplicaRuns,
+    ResourceAsk,
+    ServeStatus,
+    front_door_settings,
+    fronted_apps,
+    missing_resources,
+    resource_asks,
+    serve_config_behind,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {
+    name: yaml.safe_load((ROOT / "cluster" / name).read_text())
+    for name in ("serve_config.yaml", "serve_config_cpu.yaml")
+}
+
+
+def test_the_gpu_config_names_the_gpus_it_needs_and_the_cpu_config_fits_a_laptop() -> None:
+    laptop = {"CPU": 2.0}
+    message = missing_resources(resource_asks(CONFIGS["serve_config.yaml"]), laptop, "cluster/serve_config.yaml")
+    assert message is not None
+    assert "asks for 0.9 GPUs (siglip2: 1 x 0.3 GPU, qwen3: 1 x 0.6 GPU) and the Ray cluster has 0" in message
+    assert "3 CPUs" in message and "python -m cluster.front cluster/serve_config_cpu.yaml" in message
+    assert missing_resources(resource_asks(CONFIGS["serve_config_cpu.yaml"]), laptop, "cpu") is None
+    assert missing_resources(resource_asks(CONFIGS["serve_config.yaml"]), {"CPU": 4, "GPU": 1}, "gpu") is None
+    # the same applications, under the same prefixes, in both files
+    prefixes = [[(a["name"], a["route_prefix"], a["import_path"]) for a in c["applications"]] for c in CONFIGS.values()]
+    assert prefixes[0] == prefixes[1]
+
+
+def test_replicas_are_counted_as_serve_starts_them() -> None:
+    config = {
+        "applications": [
+            {"name": "a", "deployments": [{"autoscaling_config": {"min_replicas": 2, "max_replicas": 8}}]},
+            {"name": "b", "deployments": [{"num_replicas": 3, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1}}]},
+            {"name": "c"},  # Serve's defaults: one replica, one CPU
+        ]
+    }
+    assert resource_asks(config) == [
+        ResourceAsk("a", 2, 1.0, 0.0),
+        ResourceAsk("b", 3, 0.5, 1.0),
+        ResourceAsk("c", 1, 1.0, 0.0),
+    ]
+
+
+def test_settings_are_read_as_the_builders_read_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBED_API_KEY", "k")
+    config = {
+        "applications": [
+            {
+                "name": "s",
+                "route_prefix": "/s/",
+                "import_path": "cluster.serve:siglip2_app",
+                "args": {"max-connections": 50},
+            },
+            {
+                "name": "q",
+                "route_prefix": "/q",
+                "import_path": "cluster.serve:qwen3_app",
+                "args": {"header_timeout_s": 3},
+            },
+        ]
+    }
+    apps = fronted_apps(config)
+    assert [(a.name, a.route_prefix, a.service) for a in apps] == [("s", "/s", "siglip2"), ("q", "/q", "qwen3")]
+    assert all(a.settings.api_key is not None and a.settings.api_key.get_secret_value() == "k" for a in apps)
+    # connection settings are the server's: the largest any application sets
+    server = front_door_settings(apps, "0.0.0.0", 8000)
+    assert (server.host, server.port, server.max_connections, server.header_timeout_s) == ("0.0.0.0", 8000, 1000, 10.0)
+    with pytest.raises(ValueError, match="unknown setting 'max_batch_sise'"):
+        fronted_apps({"applications": [{"import_path": "cluster.serve:qwen3_app", "args": {"max_batch_sise": 1}}]})
+    with pytest.raises(ValueError, match="knows only this project's applications"):
+        fronted_apps({"applications": [{"import_path": "my.module:app"}]})
+
+
+def test_serve_gets_its_proxy_on_loopback() -> None:
+    config = CONFIGS["serve_config.yaml"]
+    behind = serve_config_behind(config, 8001, "127.0.0.1")
+    assert behind["http_options"] == {"host": "127.0.0.1", "port": 8001}
+    assert behind["applications"] == config["applications"]
+    # Behind a front door on another address, the replicas see only the front door's loopback connections: the
+    # names the front door accepted must pass there too, unless the config lists its own.
+    elsewhere = serve_config_behind(config, 8001, "0.0.0.0")
+    assert [app["args"]["allowed_hosts"] for app in elsewhere["applications"]] == [["*"], ["*"]]
+    assert config["applications"][0]["args"] == {}  # the caller's config is left as it was
+    listed = {"applications": [{"args": {"allowed-hosts": ["embed.example.com"]}}]}
+    assert serve_config_behind(listed, 8001, "0.0.0.0")["applications"][0]["args"] == {
+        "allowed-hosts": ["embed.example.com"]
+    }
+
+
+class ScriptedController:
+    """Stands in for Serve's controller (the Ray tests ask the real one)."""
+
+    def __init__(self, answer: DeploymentStatus | Exception) -> None:
+        self.answer = answer
+        self.asked = 0
+
+    def __call__(self) -> dict[str, dict[str, DeploymentStatus]]:
+        self.asked += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return {"siglip2": {"siglip2": self.answer}}
+
+
+def health_client(controller: ScriptedController) -> TestClient:
+    app = FastAPI()
+    app.get("/health")(lambda: {"status": "ok"})
+    gate = HealthWhileNoReplicaRuns(app, application="siglip2", deployment="siglip2", status=ServeStatus(controller))
+    return TestClient(gate, root_path="/siglip2")
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (("DEPLOYING", {"STARTING": 2}), {"status": "loading", "replicas": {"STARTING": 2}}),
+        (("UPDATING", {}), {"status": "loading", "replicas": {}}),
+        (("DEPLOY_FAILED", {}), {"status": "unhealthy", "replicas": {}}),
+        (("UNHEALTHY", {"STARTING": 1}), {"status": "unhealthy", "replicas": {"STARTING": 1}}),
+    ],
+)
+def test_health_is_503_while_no_replica_runs(answer: DeploymentStatus, expected: dict[str, Any]) -> None:
+    response = health_client(ScriptedController(answer)).get("/siglip2/health")
+    assert (response.status_code, response.json(), response.headers["retry-after"]) == (503, expected, "5")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ("UNHEALTHY", {"RUNNING": 1, "STARTING": 1}),  # one replica of two was lost: the other serves
+        ("UPDATING", {"RUNNING": 1, "STARTING": 1}),
+        ("HEALTHY", {"RUNNING": 2}),
+        ("UPSCALING", {"RUNNING": 2, "STARTING": 1}),
+        RuntimeError("the controller is restarting"),  # a replica answers for itself
+    ],
+)
+def test_health_is_a_replicas_own_while_one_runs(
+    answer: DeploymentStatus | Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cluster.front.STATUS_TTL_S", 60.0)  # a loaded machine may take a second for 20 requests
+    controller = ScriptedController(answer)
+    client = health_client(controller)
+    for _ in range(20):
+        response = client.get("/siglip2/health")
+        assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    assert controller.asked == 1  # once per STATUS_TTL_S, failures included
