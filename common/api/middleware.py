@@ -28,7 +28,6 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.config import MB, limit_hint
-from common.memory import release_free_memory
 from common.errors import (
     BodyTimeout,
     CrossOrigin,
@@ -39,6 +38,7 @@ from common.errors import (
     Unauthorized,
     error_json,
 )
+from common.memory import release_free_memory
 from common.metrics import Metrics
 
 access_logger = logging.getLogger("embed.access")
