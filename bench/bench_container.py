@@ -64,7 +64,7 @@ def venv_layer_mb(tag: str) -> float:
     history = containers.docker("history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", tag).stdout
     for line in history.splitlines():
         size, created_by = line.split("\t", 1)
-        if "/opt/venv /opt/venv" in created_by:
+        if "COPY" in created_by and created_by.rstrip().endswith("/opt/venv"):
             number, unit = float(size[:-2]), size[-2:]
             return number * {"GB": 1000.0, "MB": 1.0, "kB": 0.001}[unit]
     return float("nan")

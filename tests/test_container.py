@@ -398,6 +398,9 @@ def test_compose_starts_both_services_healthy(image: str, public_dir: Path) -> N
             containers.wait_healthy(container)
         for port in ports.values():
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["tiny"] is True
+            # no EMBED_API_KEY set: none is passed (not an empty one), so no key is asked for
+            embedded = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a cat"}, timeout=60)
+            assert embedded.status_code == 200, embedded.text
         networks = containers.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
         assert not [n for n in networks if n.startswith(project)]  # host networking only: no bridge was made
     finally:
