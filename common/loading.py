@@ -2,7 +2,9 @@
 from the hub), the device and the dtype.
 
 A model that can be found nowhere is one clear paragraph that says how to download it, not a traceback; so is a
-weights file that is truncated or corrupt (an interrupted download or copy).
+weights file that is truncated or corrupt (an interrupted download or copy), and a model file that this process may
+not read (a file of mode 0600 owned by another user, typical of a folder mounted into a container): that one is
+whole, and re-downloading it would not help.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ class BrokenWeights(Exception):
     """A weights file of the model does not load: truncated or corrupt."""
 
 
+class UnreadableModelFile(Exception):
+    """A file or folder of the model exists but this process may not read it: its owner or mode, not its content."""
+
+
 def display_name(source: str) -> str:
     """The last path component: "google/siglip2-so400m-patch16-512" -> "siglip2-so400m-patch16-512"."""
     return Path(source.rstrip("/")).name or source
@@ -126,7 +132,22 @@ def resolve_model_source(
         elif _offline():
             reason += " (HF_HUB_OFFLINE is set, so nothing is downloaded)"
     raise ModelNotFound(
-        f"Model not found: {source!r} {reason}. {how}, for example:\n\n{download_help}\n\n"
+        f"Model not found: {source!r} {reason}. {how}, for example:\n\n{download_help}\n\n" + _where_to_put_it()
+    )
+
+
+def _where_to_put_it() -> str:
+    """The end of the "not found" message: how to point the service at a downloaded model, and at none."""
+    # The container image sets this: there the model must be mounted, and --tiny is an argument of the image.
+    mount = os.environ.get("EMBED_MODELS_MOUNT")
+    if mount:
+        return (
+            f"This runs in a container, which sees only what is mounted: mount the folder that holds the model at "
+            f"{mount} (docker run -v /path/on/the/host:{mount}:ro ...) and start the service with "
+            f"--model {mount}/FOLDER (or the environment variable named in --help). "
+            "To try the API without any weights, add --tiny to the image's arguments (IMAGE siglip2 --tiny)."
+        )
+    return (
         "then start the service with --model PATH (or the environment variable named in --help). "
         "To try the API without any weights, run ./start_all.sh --tiny."
     )
@@ -170,10 +191,54 @@ def describe_device(device: torch.device) -> str:
 def locate_model(settings: ServiceSettings, download_help: str) -> tuple[str, torch.device, torch.dtype]:
     """What every loader starts with: the model's folder, the device and the dtype (logged)."""
     source = resolve_model_source(settings.model, download_help=download_help)
+    raise_if_unreadable(source)  # before loading: the loaders would call such a file missing or corrupt
     device = pick_device(settings)
     dtype = pick_dtype(settings.dtype, device)
     logger.info("loading %s on %s as %s", source, describe_device(device), dtype)
     return source, device, dtype
+
+
+def find_unreadable(folder: str | Path) -> Path | None:
+    """The first file or folder under ``folder`` that this process may not read (permission denied), or None."""
+    denied: list[Path] = []
+
+    def note(error: OSError) -> None:
+        if isinstance(error, PermissionError):
+            denied.append(Path(error.filename))
+
+    for root, dirs, files in os.walk(folder, onerror=note):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            try:
+                path.open("rb").close()
+            except PermissionError:
+                return path
+            except OSError:
+                pass  # a dangling link, say: not a matter of permissions
+        if denied:
+            break
+    return denied[0] if denied else None
+
+
+def raise_if_unreadable(folder: str | Path) -> None:
+    """UnreadableModelFile naming the first file of ``folder`` this process may not read, its owner and mode, and
+    the user id the process runs as."""
+    path = find_unreadable(folder)
+    if path is None:
+        return
+    try:
+        info = path.stat()
+        owner = f"owned by user id {info.st_uid} (group id {info.st_gid}) with mode {info.st_mode & 0o7777:04o}"
+    except OSError:
+        owner = "in a folder this process may not enter"
+    kind = "folder" if path.is_dir() else "file"
+    raise UnreadableModelFile(
+        f"Permission denied: the model {kind} {path} is {owner}, and this service runs as user id {os.getuid()} "
+        f"(group id {os.getgid()}), which may not read it. The file is not damaged: do not download it again. "
+        f"Make the model readable to that user, e.g. on the host: chmod -R a+rX {folder} "
+        "(in a container, the files of a mounted folder keep their host owner and mode)."
+    )
 
 
 def find_broken_weights(folder: str | Path) -> tuple[Path, str] | None:
@@ -221,10 +286,15 @@ def read_checkpoint_floats(folder: str | Path, names: list[str]) -> dict[str, fl
 @contextmanager
 def explain_broken_weights(folder: str | Path, download_help: str) -> Iterator[None]:
     """Around loading a model from ``folder``: if loading fails and a weights file there is broken, the error says
-    which file and how to download it again (the loader's own error only says "incomplete metadata")."""
+    which file and how to download it again (the loader's own error only says "incomplete metadata"); if one may
+    not be read, it says that instead (safetensors calls such a file missing, which is no reason to download it)."""
     try:
         yield
     except Exception as exc:
+        try:
+            raise_if_unreadable(folder)
+        except UnreadableModelFile as unreadable:
+            raise unreadable from exc
         broken = find_broken_weights(folder)
         if broken is None:
             raise

@@ -62,6 +62,14 @@ def venv_words(command: str) -> str:
     return re.sub(r"(?<![\w/.])\.venv/bin/", f"{Path(sys.executable).parent}/", command)
 
 
+def claimed_blocks(claim: str) -> list[Block]:
+    """Every block tagged ``run-by=<claim>``, in page order: for a test that runs whole scripts (several commands
+    a block, several blocks) in an environment of its own, such as the container test's docker."""
+    claimed = [block for block in all_blocks() if block.claim == claim]
+    assert claimed, f"no block is tagged run-by={claim}"
+    return claimed
+
+
 def claimed_command(claim: str, replace: Mapping[str, str], extra: Sequence[str] = ()) -> list[str]:
     """The one command of the block tagged ``run-by=<claim>``, as the claiming test runs it: the words of `replace`
     (each must be in the command: the test runs what the docs say) stand for the test's own paths, and `extra`, the

@@ -20,7 +20,9 @@ The convention (docs/README.md says it in one line):
 - A block that needs what only another test has (a Ray cluster, docker) carries ``run-by=tests/FILE.py::NAME``
   (```bash run-by=tests/test_cluster_serve.py::cluster): the test or fixture NAME reads the block's command with
   ``tests.doc_examples.claimed_command`` and runs it, appending only its own options (ports, addresses, tiny
-  models). test_every_example_is_run_by_a_test checks that the named function makes that call.
+  models); a test that runs whole scripts in an environment of its own (the container test's docker) reads its
+  blocks with ``claimed_blocks``. test_every_example_is_run_by_a_test checks that the named function makes one of
+  those calls.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def problems_of(block: Block) -> list[str]:
 
 
 def problems_of_claim(claim: str) -> list[str]:
-    """A claim holds when the named test or fixture reads the block with claimed_command("<claim>", ...)."""
+    """A claim holds when the named test or fixture reads the block with claimed_command("<claim>", ...) (or
+    claimed_blocks)."""
     file, _, name = claim.partition("::")
     path = ROOT / file
     if not path.is_file() or not name:
@@ -97,12 +100,12 @@ def problems_of_claim(claim: str) -> list[str]:
         for node in ast.walk(function)
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
-        and node.func.id == "claimed_command"
+        and node.func.id in ("claimed_command", "claimed_blocks")
         and node.args
         and isinstance(node.args[0], ast.Constant)
         and node.args[0].value == claim
     ]
-    return [] if calls else [f'run-by={claim}: {name} never calls claimed_command("{claim}", ...)']
+    return [] if calls else [f'run-by={claim}: {name} never calls claimed_command("{claim}", ...) or claimed_blocks']
 
 
 def test_every_example_is_run_by_a_test() -> None:
