@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -71,6 +72,24 @@ def photo_like(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Ima
     ]
     pixels = np.stack(channels, axis=-1) + rng.normal(0, 8, size=(height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").convert(mode)
+
+
+def write_example_photos(folder: Path) -> Path:
+    """The photos the documentation's examples name (cat.jpg, dog.jpg, dog.png, img1-3.jpg), of real size: a data
+    URI of a 300 KB photo is longer than one command-line argument may be."""
+    for index, name in enumerate(["cat.jpg", "dog.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]):
+        (folder / name).write_bytes(image_bytes(photo_like(1600, 1200, seed=index), "JPEG", quality=95))
+    (folder / "dog.png").write_bytes(image_bytes(photo_like(640, 480, seed=9), "PNG"))
+    return folder
+
+
+def readable_copy(model: Path, into: Path) -> Path:
+    """A copy of a model folder that any user may read (for a service run as another user, or in a container)."""
+    copy = into / model.name
+    shutil.copytree(model, copy)
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return copy
 
 
 def mixed_images() -> list[bytes]:

@@ -32,7 +32,7 @@ from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
 from tests import containers
 from tests.doc_examples import Block, blocks, claimed_blocks
-from tests.helpers import free_port, image_bytes, photo_like
+from tests.helpers import free_port, image_bytes, photo_like, readable_copy, write_example_photos
 from tests.test_readme_examples import as_run_here, runs_here, skipped
 
 pytestmark = pytest.mark.container
@@ -77,14 +77,6 @@ def public_dir() -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder)
-
-
-def readable_copy(model: Path, into: Path) -> Path:
-    copy = into / model.name
-    shutil.copytree(model, copy)
-    for path in [copy, *copy.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return copy
 
 
 def started(
@@ -151,9 +143,7 @@ def test_both_tiny_services_become_healthy(tiny_services: tuple[tuple[str, int],
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("photos")
-    for index, name in enumerate(["cat.jpg", "dog.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]):
-        (folder / name).write_bytes(image_bytes(photo_like(1600, 1200, seed=index), "JPEG", quality=95))
-    (folder / "dog.png").write_bytes(image_bytes(photo_like(640, 480, seed=9), "PNG"))
+    write_example_photos(folder)
     return folder
 
 

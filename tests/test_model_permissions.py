@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, readable_copy
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +49,6 @@ def public_dir() -> Iterator[Path]:
             if not path.is_symlink():
                 path.chmod(0o755)  # so that a non-root test user can delete what it locked
         shutil.rmtree(folder)
-
-
-def readable_copy(model: Path, into: Path) -> Path:
-    copy = into / model.name
-    shutil.copytree(model, copy)
-    for path in [copy, *copy.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return copy
 
 
 def run_service(program: str, model: Path) -> subprocess.CompletedProcess[str]:

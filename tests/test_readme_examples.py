@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 
 from tests.doc_examples import EXAMPLE_LANGUAGES, PAGES, ROOT, Block, all_blocks, blocks, venv_words
-from tests.helpers import free_port, image_bytes, photo_like
+from tests.helpers import free_port, write_example_photos
 
 # A shell line a test here does not run, and why.
 SKIPPED_LINES = {
@@ -226,9 +226,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, in
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("photos")
-    for index, name in enumerate(["cat.jpg", "dog.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]):
-        (folder / name).write_bytes(image_bytes(photo_like(1600, 1200, seed=index), "JPEG", quality=95))
-    (folder / "dog.png").write_bytes(image_bytes(photo_like(640, 480, seed=9), "PNG"))
+    write_example_photos(folder)
     assert (folder / "cat.jpg").stat().st_size > 200_000  # as large as a real photo: base64 > 128 KiB
     return folder
 
