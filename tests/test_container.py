@@ -420,7 +420,7 @@ args = [renamed(arg) for arg in sys.argv[1:]]
 if args[:1] == ["build"]:
     args += config["build_args"]
 elif args[:1] == ["run"]:
-    rest, out = args[1:], ["run", "--network=host", "--label", config["label"]]
+    rest, out = args[1:], ["run", "--network=host", "--label", config["label"], "--label", config["run_label"]]
     out += ["-e", "SIGLIP2_PORT=%d" % config["ports"][0], "-e", "QWEN3_PORT=%d" % config["ports"][1]]
     while rest:
         arg = rest.pop(0)
@@ -455,6 +455,8 @@ def test_the_docs_examples_run(
     readable_copy(tiny_siglip, models).rename(models / "siglip2-so400m-patch16-512")
     readable_copy(tiny_zimage, models).rename(models / "Z-Image-Turbo")
     suffix = uuid.uuid4().hex[:8]
+    # The examples' own containers: the module's other containers (tiny_services) carry LABEL and are healthy too.
+    run_label = f"{containers.LABEL}-docs={suffix}"
     shim = public_dir / "bin"
     shim.mkdir()
     (shim / "docker").write_text(DOCKER_SHIM)
@@ -468,6 +470,7 @@ def test_the_docs_examples_run(
             "names": {name: f"{name}-docs-{suffix}" for name in ("embed-siglip2", "embed-qwen3", "embed")},
             "build_args": build_args,
             "label": containers.LABEL,
+            "run_label": run_label,
             "ports": ports,
             "models": ["/mnt/hdd/models", str(models)],
         }
@@ -481,16 +484,16 @@ def test_the_docs_examples_run(
         assert len(examples) >= 4
         try:
             for block in examples:
-                run_block(block, env, ports, cwd=ROOT)
+                run_block(block, env, ports, cwd=ROOT, label=run_label)
         finally:
             tags = [f"embed-docs-{suffix}", f"embed-docs-{suffix}:cpu"]
             containers.docker("rmi", *tags, check=False)
 
 
-def run_block(block: str, env: dict[str, str], ports: tuple[int, int], cwd: Path) -> None:
+def run_block(block: str, env: dict[str, str], ports: tuple[int, int], cwd: Path, label: str) -> None:
     """One block in bash (set -euo pipefail; a curl that gets an HTTP error fails). A block that ends in a
-    foreground `docker run` (the service in the terminal, as a user tries it) is stopped once its container is
-    healthy, as a user would with Ctrl-C or docker stop, and must then end with status 0."""
+    foreground `docker run` (the service in the terminal, as a user tries it) is stopped once its container (by
+    ``label``) is healthy, as a user would with Ctrl-C or docker stop, and must then end with status 0."""
     script = 'set -euo pipefail\ncurl() { command curl -sS --fail-with-body "$@"; }\n' + with_ports(block, *ports)
     last = block.strip().splitlines()[-1]
     foreground = last.startswith("docker run") and " -d " not in last
@@ -502,7 +505,7 @@ def run_block(block: str, env: dict[str, str], ports: tuple[int, int], cwd: Path
     while process.poll() is None and time.monotonic() < deadline:
         if foreground and not stopped:
             running = containers.docker(
-                "ps", "-q", "--filter", f"label={containers.LABEL}", "--filter", "health=healthy"
+                "ps", "-q", "--filter", f"label={label}", "--filter", "health=healthy"
             ).stdout.split()
             if running:
                 containers.docker("stop", "--time", str(DRAIN_S + 15), *running, timeout=120)

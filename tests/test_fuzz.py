@@ -38,6 +38,9 @@ IMAGE_OPERATIONS = [
     "POST /v1/embeddings",
 ]
 TEXT_OPERATIONS = ["GET /info", "POST /embed/text", "POST /embed/texts", "POST /v1/embeddings"]
+# Both services; fuzzed last, sleep before wake: a generated {"hold": true} would otherwise leave the embedding
+# routes answering 503 "asleep" for the rest of the run.
+ADMIN_OPERATIONS = ["POST /admin/sleep", "POST /admin/wake"]
 
 
 def small_image_app(model: Path) -> FastAPI:
@@ -96,21 +99,22 @@ def documented_operations(app: FastAPI) -> set[str]:
 
 def test_the_schemas_document_every_route(tiny_siglip: Path, tiny_zimage: Path) -> None:
     image = small_image_app(tiny_siglip)
-    assert documented_operations(image) == set(IMAGE_OPERATIONS)
-    assert documented_operations(small_text_app(tiny_zimage)) == {"GET /health", "GET /metrics", *TEXT_OPERATIONS}
+    assert documented_operations(image) == {*IMAGE_OPERATIONS, *ADMIN_OPERATIONS}
+    text = small_text_app(tiny_zimage)
+    assert documented_operations(text) == {"GET /health", "GET /metrics", *TEXT_OPERATIONS, *ADMIN_OPERATIONS}
     # /embed/images reads its body itself; its schema says both forms so that fuzzers and clients see them.
     body = image.openapi()["paths"]["/embed/images"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
 
 
 def test_image_service_never_answers_5xx(tiny_siglip: Path) -> None:
-    seen = fuzz(small_image_app(tiny_siglip), IMAGE_OPERATIONS)
+    seen = fuzz(small_image_app(tiny_siglip), IMAGE_OPERATIONS + ADMIN_OPERATIONS)
     assert all(statuses and max(statuses) < 500 for statuses in seen.values()), seen
     assert 413 in seen["POST /embed/images"] and 422 in seen["POST /embed/images"]  # both forms were fuzzed
 
 
 def test_text_service_never_answers_5xx(tiny_zimage: Path) -> None:
-    seen = fuzz(small_text_app(tiny_zimage), TEXT_OPERATIONS)
+    seen = fuzz(small_text_app(tiny_zimage), TEXT_OPERATIONS + ADMIN_OPERATIONS)
     assert all(statuses and max(statuses) < 500 for statuses in seen.values()), seen
     # valid and invalid bodies both ran ({"text"} xor {"texts"} is not in the schema: /embed/text gets few 200s)
     assert all(422 in seen[operation] for operation in TEXT_OPERATIONS[1:]), seen
