@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -81,6 +82,22 @@ def write_example_photos(folder: Path) -> Path:
         (folder / name).write_bytes(image_bytes(photo_like(1600, 1200, seed=index), "JPEG", quality=95))
     (folder / "dog.png").write_bytes(image_bytes(photo_like(640, 480, seed=9), "PNG"))
     return folder
+
+
+@contextmanager
+def public_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder every user may enter (pytest's tmp_path lies in a folder of mode 0700), for a service that
+    runs as another user (a container's, or one started through setpriv); removed afterwards with whatever a test
+    locked inside it."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        for path in [folder, *folder.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(folder)
 
 
 def readable_copy(model: Path, into: Path) -> Path:

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
 from tests import containers
 from tests.doc_examples import Block, blocks, claimed_blocks
-from tests.helpers import free_port, image_bytes, photo_like, readable_copy, write_example_photos
+from tests.helpers import free_port, image_bytes, photo_like, public_folder, readable_copy, write_example_photos
 from tests.test_readme_examples import as_run_here, runs_here, skipped
 
 pytestmark = pytest.mark.container
@@ -70,13 +69,9 @@ def image(base: str) -> Iterator[str]:
 
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
-    """A folder the image's user may enter (pytest's tmp_path lies in a folder of mode 0700)."""
-    folder = Path(tempfile.mkdtemp(prefix="embed-container-"))
-    folder.chmod(0o755)
-    try:
+    """A folder the image's user may enter."""
+    with public_folder("embed-container-") as folder:
         yield folder
-    finally:
-        shutil.rmtree(folder)
 
 
 def started(

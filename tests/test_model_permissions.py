@@ -8,16 +8,14 @@ it, so that what is checked is its own log and exit status."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, readable_copy
+from tests.helpers import free_port, public_folder, readable_copy
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +37,9 @@ def as_service_user(command: list[str]) -> list[str]:
 
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
-    """A folder every user may enter (pytest's tmp_path lies in a folder of mode 0700)."""
-    folder = Path(tempfile.mkdtemp(prefix="model-permissions-"))
-    folder.chmod(0o755)
-    try:
+    """A folder the service's user may enter."""
+    with public_folder("model-permissions-") as folder:
         yield folder
-    finally:
-        for path in [folder, *folder.rglob("*")]:
-            if not path.is_symlink():
-                path.chmod(0o755)  # so that a non-root test user can delete what it locked
-        shutil.rmtree(folder)
 
 
 def run_service(program: str, model: Path) -> subprocess.CompletedProcess[str]:
