@@ -329,7 +329,7 @@ def compose(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess
 
 
 def test_compose_file_is_valid(docker_available: None, public_dir: Path) -> None:
-    env = {"MODELS_DIR": str(public_dir), "EMBED_API_KEY": "from-the-env"}
+    env = {"MODELS_DIR": str(public_dir), "EMBED_API_KEY": "from-the-env", "EMBED_SLEEP_MODE": "unload"}
     config = yaml.safe_load(compose("-f", "compose.yaml", "config", env=env).stdout)
     for name, port in (("siglip2", 6010), ("qwen3", 6011)):
         service = config["services"][name]
@@ -343,6 +343,7 @@ def test_compose_file_is_valid(docker_available: None, public_dir: Path) -> None
         assert grace and int(grace.group(1)) > DRAIN_S
         assert service["healthcheck"]["test"][-1] == "/app/scripts/container_health.py"
         assert service["environment"]["EMBED_API_KEY"] == "from-the-env"
+        assert service["environment"]["EMBED_SLEEP_MODE"] == "unload"
     tiny = yaml.safe_load(compose("-f", "compose.yaml", "-f", "compose.tiny.yaml", "config", env=env).stdout)
     assert tiny["services"]["siglip2"]["command"] == ["siglip2", "--tiny"]
     assert tiny["services"]["qwen3"]["command"] == ["qwen3", "--tiny"]
@@ -371,6 +372,7 @@ def test_compose_starts_both_services_healthy(image: str, public_dir: Path) -> N
     shutil.copy(ROOT / "compose.tiny.yaml", files / "compose.tiny.yaml")
     project = f"embed-test-{uuid.uuid4().hex[:8]}"
     env = {"EMBED_IMAGE": image, "MODELS_DIR": str(public_dir), "COMPOSE_PROJECT_NAME": project}
+    env["EMBED_IDLE_SLEEP_S"] = "600"  # from the shell, as a user who shares the GPU sets it
     args = [
         "--project-directory",
         str(files),
@@ -388,6 +390,7 @@ def test_compose_starts_both_services_healthy(image: str, public_dir: Path) -> N
             containers.wait_healthy(container)
         for port in ports.values():
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["tiny"] is True
+            assert httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()["sleep"]["idle_sleep_s"] == 600
             # no EMBED_API_KEY set: none is passed (not an empty one), so no key is asked for
             embedded = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a cat"}, timeout=60)
             assert embedded.status_code == 200, embedded.text
