@@ -287,8 +287,13 @@ def cluster(tiny_siglip: Path, tiny_zimage: Path, tmp_path_factory: pytest.TempP
             assert not failed, f"{failed} failed to deploy: {serve.status()}"
             return all(replica_states(app).get("RUNNING", 0) == 2 for app in ("siglip2", "qwen3"))
 
+        def front_door_serves() -> bool:
+            # Recorded too: the front door learns of the running replicas from Serve's status a moment after Ray.
+            startup.append(health_now(base + "/siglip2"))
+            return startup[-1][0] == 200
+
         wait_for(running, timeout=240, what="both applications to run 2 replicas")
-        wait_for(lambda: health_now(base + "/siglip2")[0] == 200, 30, "the front door to see them")
+        wait_for(front_door_serves, 30, "the front door to see them")
         yield Cluster(
             base, base + "/siglip2", base + "/qwen3", f"http://127.0.0.1:{serve_port}", address, front.pid, startup
         )
