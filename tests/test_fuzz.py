@@ -111,6 +111,7 @@ def test_image_service_never_answers_5xx(tiny_siglip: Path) -> None:
     seen = fuzz(small_image_app(tiny_siglip), IMAGE_OPERATIONS + ADMIN_OPERATIONS)
     assert all(statuses and max(statuses) < 500 for statuses in seen.values()), seen
     assert 413 in seen["POST /embed/images"] and 422 in seen["POST /embed/images"]  # both forms were fuzzed
+    assert all(200 in seen[operation] for operation in ADMIN_OPERATIONS), seen  # the model slept and woke
 
 
 def test_text_service_never_answers_5xx(tiny_zimage: Path) -> None:
@@ -119,3 +120,4 @@ def test_text_service_never_answers_5xx(tiny_zimage: Path) -> None:
     # valid and invalid bodies both ran ({"text"} xor {"texts"} is not in the schema: /embed/text gets few 200s)
     assert all(422 in seen[operation] for operation in TEXT_OPERATIONS[1:]), seen
     assert 200 in seen["POST /embed/texts"] and 200 in seen["POST /v1/embeddings"], seen
+    assert all(200 in seen[operation] for operation in ADMIN_OPERATIONS), seen
