@@ -58,6 +58,8 @@ def run(argv: list[str], env: dict[str, str]) -> int:
     global child
     # its own session: a terminal's Ctrl-C (docker run -it) reaches it once, forwarded, not twice
     child = subprocess.Popen(argv, cwd=APP, env=env, start_new_session=True)
+    if stopping:  # a stop signal came while the child was starting, when forward() had no child to pass it to
+        child.send_signal(signal.SIGTERM)
     while True:
         pid, status = os.wait()  # any child: orphans reparented to PID 1 are reaped here too
         if pid == child.pid:

@@ -219,13 +219,19 @@ def build_image(tag: str, base: str, index_url: str | None, context: Path = ROOT
     return time.monotonic() - started
 
 
-def start_container(image: str, *args: str, env: dict[str, str] | None = None, volumes: tuple[str, ...] = ()) -> str:
-    """``docker run -d`` on the host network; returns the container's id."""
-    options = ["--network=host", "--label", LABEL, "--name", f"embed-test-{uuid.uuid4().hex[:8]}"]
+def run_options(env: dict[str, str] | None, volumes: tuple[str, ...]) -> list[str]:
+    """``docker run``'s options for a test's container: the host network, the tests' label, ``env`` and ``volumes``."""
+    options = ["--network=host", "--label", LABEL]
     for name, value in (env or {}).items():
         options += ["-e", f"{name}={value}"]
     for volume in volumes:
         options += ["-v", volume]
+    return options
+
+
+def start_container(image: str, *args: str, env: dict[str, str] | None = None, volumes: tuple[str, ...] = ()) -> str:
+    """``docker run -d`` on the host network; returns the container's id."""
+    options = ["--name", f"embed-test-{uuid.uuid4().hex[:8]}", *run_options(env, volumes)]
     return docker("run", "-d", *options, image, *args).stdout.strip()
 
 

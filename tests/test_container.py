@@ -221,21 +221,17 @@ def test_a_mounted_model_gives_the_hosts_vectors(image: str, tiny_siglip: Path, 
     assert cosine.min() >= 0.9999, cosine
 
 
-def run_to_exit(
-    image: str, *args: str, env: dict[str, str] | None = None, volumes: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    options = ["--rm", "--network=host", "--label", containers.LABEL, "-e", f"SIGLIP2_PORT={free_port()}"]
-    for name, value in (env or {}).items():
-        options += ["-e", f"{name}={value}"]
-    for volume in volumes:
-        options += ["-v", volume]
-    return containers.docker("run", *options, image, *args, check=False, timeout=600)
+def failed_start_log(image: str, *args: str, env: dict[str, str], volumes: tuple[str, ...] = ()) -> str:
+    """``docker run IMAGE args...`` of a service that must not start: its exit status is non-zero; returns its log."""
+    options = ["--rm", *containers.run_options({"SIGLIP2_PORT": str(free_port()), **env}, volumes)]
+    result = containers.docker("run", *options, image, *args, check=False, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log
+    return log
 
 
 def test_a_missing_model_says_so_and_names_the_mount(image: str) -> None:
-    result = run_to_exit(image, "siglip2", env={"SIGLIP2_MODEL": "/models/siglip2-so400m-patch16-512"})
-    assert result.returncode != 0
-    log = result.stdout + result.stderr
+    log = failed_start_log(image, "siglip2", env={"SIGLIP2_MODEL": "/models/siglip2-so400m-patch16-512"})
     assert "Model not found: '/models/siglip2-so400m-patch16-512' is not a local folder" in log, log
     assert "huggingface-cli download google/siglip2-so400m-patch16-512" in log
     assert "mount the folder that holds the model at /models (docker run -v /path/on/the/host:/models:ro" in log
@@ -243,9 +239,7 @@ def test_a_missing_model_says_so_and_names_the_mount(image: str) -> None:
 
 
 def test_the_default_hub_model_offline_says_so_and_names_the_mount(image: str) -> None:
-    result = run_to_exit(image, "qwen3", env={"HF_HUB_OFFLINE": "1"})
-    assert result.returncode != 0
-    log = result.stdout + result.stderr
+    log = failed_start_log(image, "qwen3", env={"HF_HUB_OFFLINE": "1"})
     assert "Model not found: 'Tongyi-MAI/Z-Image-Turbo'" in log, log
     assert "at /models (docker run -v" in log
 
@@ -256,9 +250,8 @@ def test_a_model_file_the_user_may_not_read_says_so_with_the_user_id(
     """A host file of mode 0600 owned by root (the tests' user) in a mounted folder: permission denied, user id."""
     model = readable_copy(tiny_siglip, public_dir)
     (model / "model.safetensors").chmod(0o600)
-    result = run_to_exit(image, "siglip2", env={"SIGLIP2_MODEL": "/models/tiny"}, volumes=(f"{model}:/models/tiny:ro",))
-    log = result.stdout + result.stderr
-    assert result.returncode != 0, log
+    volumes = (f"{model}:/models/tiny:ro",)
+    log = failed_start_log(image, "siglip2", env={"SIGLIP2_MODEL": "/models/tiny"}, volumes=volumes)
     owner = os.getuid()
     assert f"Permission denied: the model file /models/tiny/model.safetensors is owned by user id {owner}" in log, log
     assert f"this service runs as user id {IMAGE_UID} " in log
