@@ -88,9 +88,13 @@ HOP_BY_HOP = frozenset(
 )
 # uvicorn adds its own to every response; Serve's proxy (uvicorn too) would make them twice.
 OWN_RESPONSE_HEADERS = frozenset({"date", "server"})
+DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | OWN_RESPONSE_HEADERS
 # How long the front door reuses what Serve's controller said about the deployments, for GET /health: probes every
 # few milliseconds from several load balancers ask the controller at most once a second.
 STATUS_TTL_S = 1.0
+# ... and how long it waits for that answer: serve.status() has no timeout of its own, and a controller that is down
+# or restarting would make every probe wait (each holding one of the front door's connections).
+STATUS_TIMEOUT_S = 2.0
 # Deployment states whose replicas fail (to start, or their health checks), as opposed to still loading.
 FAILING = frozenset({"UNHEALTHY", "DEPLOY_FAILED"})
 # Chunks of an answer as they come from Serve's proxy.
@@ -233,7 +237,8 @@ def serve_deployments() -> dict[str, dict[str, DeploymentStatus]]:
 
 
 class ServeStatus:
-    """``serve_deployments()`` asked at most once per ``STATUS_TTL_S``, in a thread; None when it failed."""
+    """``serve_deployments()`` asked at most once per ``STATUS_TTL_S``, in a thread; None when it failed or took
+    longer than ``STATUS_TIMEOUT_S``."""
 
     def __init__(self, ask: Callable[[], dict[str, dict[str, DeploymentStatus]]] = serve_deployments) -> None:
         self.ask = ask
@@ -245,7 +250,7 @@ class ServeStatus:
             if self._known is None or time.monotonic() - self._known[0] > STATUS_TTL_S:
                 answer = None
                 try:
-                    answer = await asyncio.to_thread(self.ask)
+                    answer = await asyncio.wait_for(asyncio.to_thread(self.ask), STATUS_TIMEOUT_S)
                 except Exception as exc:  # noqa: BLE001 - whatever the reason, a replica answers for itself
                     logger.warning("could not ask Serve's controller for the deployments' status: %r", exc)
                 self._known = (time.monotonic(), answer)
@@ -326,9 +331,9 @@ class ForwardToServe:
             except EmbedError as error:  # 413 or 408 from the body limits, as the standalone app answers them
                 await send_error(send, scope, error)
                 return
-        await self.forward(scope, bytes(body) if body else None, send)
+        await self.forward(scope, body or None, send)  # aiohttp sends a bytearray as it is: no copy of a large body
 
-    async def forward(self, scope: Scope, body: bytes | None, send: Send) -> None:
+    async def forward(self, scope: Scope, body: bytearray | None, send: Send) -> None:
         headers: CIMultiDict[str] = CIMultiDict()
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.decode("latin-1").lower()
@@ -356,7 +361,7 @@ class ForwardToServe:
                 response_headers = [
                     (name.lower(), value)
                     for name, value in answer.raw_headers
-                    if name.decode("latin-1").lower() not in HOP_BY_HOP | OWN_RESPONSE_HEADERS
+                    if name.decode("latin-1").lower() not in DROPPED_RESPONSE_HEADERS
                     and not (self.strip_cors and name.lower().startswith(b"access-control-"))
                 ]
                 if answer.headers.get("content-length") is not None:

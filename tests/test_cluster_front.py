@@ -4,6 +4,9 @@ a local Ray, is tested in test_cluster_serve.py."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +163,25 @@ def test_health_is_a_replicas_own_while_one_runs(
         response = client.get("/siglip2/health")
         assert (response.status_code, response.json()) == (200, {"status": "ok"})
     assert controller.asked == 1  # once per STATUS_TTL_S, failures included
+
+
+def test_health_does_not_wait_on_a_controller_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve.status() waits on a controller that is down or restarting without a timeout of its own; load balancers'
+    probes must not pile up behind it (each would hold one of the front door's connections). After STATUS_TIMEOUT_S
+    the status is unknown, and a replica answers for itself, as when the controller fails."""
+    monkeypatch.setattr("cluster.front.STATUS_TIMEOUT_S", 0.5)
+    released = threading.Event()
+
+    def silent_controller() -> dict[str, dict[str, DeploymentStatus]]:
+        released.wait(60)
+        return {}
+
+    async def ask() -> tuple[DeploymentStatus | None, float]:
+        started = time.monotonic()
+        try:
+            return await ServeStatus(silent_controller).deployment("siglip2", "siglip2"), time.monotonic() - started
+        finally:
+            released.set()  # asyncio.run waits for the controller's thread
+
+    answer, seconds = asyncio.run(ask())
+    assert answer is None and seconds < 10
