@@ -30,6 +30,7 @@ from typing import Generic, Literal, Protocol, TypeVar, get_args
 import torch
 from pydantic import BaseModel
 
+from common.device_memory import empty_device_cache
 from common.errors import Asleep, EmbedError, NotReady, OutOfMemory, RequestTimeout
 from common.memory import collect_and_release
 
@@ -112,8 +113,7 @@ def free_released_memory(device: torch.device) -> None:
     """Give what the released weights held back: device memory to the driver (the caching allocator keeps it for
     this process otherwise) and host memory to the system (glibc keeps it otherwise)."""
     collect_and_release()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    empty_device_cache(device)
 
 
 @dataclass(frozen=True)

@@ -430,4 +430,6 @@ class ReleaseMemoryAfterLargeBodies(HTTPMiddleware):
             await self.app(scope, counting_receive, send)
         finally:
             if received >= self.threshold:
-                release_free_memory()
+                # In a thread, not waited for: a trim of a large heap takes tens of milliseconds, which on the event
+                # loop would stall every other request (the front door's loop serves all its applications).
+                asyncio.get_running_loop().run_in_executor(None, release_free_memory)
