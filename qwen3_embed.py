@@ -299,11 +299,17 @@ def model_name(source: str, encoder: Qwen3Encoder) -> str:
     return display_name(source)
 
 
+def parts_read(source: str) -> list[Path]:
+    """The folders the text service reads, weights first: of a Z-Image-Turbo folder only the text encoder and its
+    tokenizer (the diffusion transformer and the VAE beside them are the image generator's, whatever their mode)."""
+    root = Path(source)
+    return [root / "text_encoder", root / "tokenizer"] if _is_zimage_layout(source) else [root]
+
+
 def load(settings: Qwen3Settings) -> Qwen3Service:
     """Resolve, load and warm up the model (runs in a thread at start-up)."""
-    source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
-    weights = Path(source) / "text_encoder" if _is_zimage_layout(source) else Path(source)
-    with explain_broken_weights(weights, DOWNLOAD_HELP):
+    source, device, dtype = locate_model(settings, DOWNLOAD_HELP, parts_read)
+    with explain_broken_weights(parts_read(source)[0], DOWNLOAD_HELP):
         encoder = Qwen3Encoder(
             source,
             device,

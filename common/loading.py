@@ -188,10 +188,18 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def locate_model(settings: ServiceSettings, download_help: str) -> tuple[str, torch.device, torch.dtype]:
-    """What every loader starts with: the model's folder, the device and the dtype (logged)."""
+def whole_folder(source: str) -> list[Path]:
+    return [Path(source)]
+
+
+def locate_model(
+    settings: ServiceSettings, download_help: str, parts_read: Callable[[str], list[Path]] = whole_folder
+) -> tuple[str, torch.device, torch.dtype]:
+    """What every loader starts with: the model's folder, the device and the dtype (logged). ``parts_read``: the
+    folders of it the loader reads (the whole folder, unless the service uses only a part of a larger model)."""
     source = resolve_model_source(settings.model, download_help=download_help)
-    raise_if_unreadable(source)  # before loading: the loaders would call such a file missing or corrupt
+    for part in parts_read(source):
+        raise_if_unreadable(part)  # before loading: the loaders would call such a file missing or corrupt
     device = pick_device(settings)
     dtype = pick_dtype(settings.dtype, device)
     logger.info("loading %s on %s as %s", source, describe_device(device), dtype)

@@ -89,16 +89,37 @@ def test_an_unreadable_model_file_is_reported_as_unreadable(
     assert "Model not found" not in log
 
 
-def test_a_readable_model_loads_as_that_user(public_dir: Path, tiny_siglip: Path) -> None:
-    """The check finds nothing in a model that user may read: the same copy, nothing locked, loads."""
-    model = readable_copy(tiny_siglip, public_dir)
-    load = f"from siglip2_embed import load, Siglip2Settings; load(Siglip2Settings(model={str(model)!r}))"
-    result = subprocess.run(
-        as_service_user([sys.executable, "-c", load]),
+def test_the_parts_of_z_image_the_text_service_never_reads_may_be_unreadable(
+    public_dir: Path, tiny_zimage: Path
+) -> None:
+    """Z-Image-Turbo's diffusion transformer and VAE beside its text encoder, locked (a folder shared with the image
+    generator, whose files may be its own): the text service reads only text_encoder/ and tokenizer/, and loads."""
+    model = readable_copy(tiny_zimage, public_dir)
+    (model / "transformer").mkdir()
+    (model / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 1024)
+    (model / "transformer" / "diffusion_pytorch_model.safetensors").chmod(DENIED_FILE_MODE)
+    (model / "vae").mkdir(mode=DENIED_FOLDER_MODE)
+    result = load_as_service_user(
+        f"from qwen3_embed import load, Qwen3Settings; load(Qwen3Settings(model={str(model)!r}))"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def load_as_service_user(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        as_service_user([sys.executable, "-c", code]),
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def test_a_readable_model_loads_as_that_user(public_dir: Path, tiny_siglip: Path) -> None:
+    """The check finds nothing in a model that user may read: the same copy, nothing locked, loads."""
+    model = readable_copy(tiny_siglip, public_dir)
+    result = load_as_service_user(
+        f"from siglip2_embed import load, Siglip2Settings; load(Siglip2Settings(model={str(model)!r}))"
     )
     assert result.returncode == 0, result.stderr
