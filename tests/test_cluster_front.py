@@ -16,6 +16,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cluster.front import (
+    PROXY_ENV,
+    REPLICA_ENV,
     DeploymentStatus,
     HealthWhileNoReplicaRuns,
     ResourceAsk,
@@ -96,7 +98,19 @@ def test_serve_gets_its_proxy_on_loopback() -> None:
     config = CONFIGS["serve_config.yaml"]
     behind = serve_config_behind(config, 8001, "127.0.0.1")
     assert behind["http_options"] == {"host": "127.0.0.1", "port": 8001}
+    # Serve's controller and the proxies it starts get glibc's fixed mmap threshold; the replicas, which inherit the
+    # controller's environment, glibc's default back, and nothing else of theirs changes
+    assert behind["controller_options"] == {"runtime_env": {"env_vars": PROXY_ENV}}
+    assert [app.pop("runtime_env") for app in behind["applications"]] == [{"env_vars": REPLICA_ENV}] * 2
     assert behind["applications"] == config["applications"]
+    # what a config sets itself is kept, beside the rest of its runtime_env
+    own = {
+        "controller_options": {"runtime_env": {"env_vars": {"GLIBC_TUNABLES": "mine", "A": "1"}}},
+        "applications": [{"runtime_env": {"working_dir": ".", "env_vars": {"B": "2"}}}],
+    }
+    behind = serve_config_behind(own, 8001, "127.0.0.1")
+    assert behind["controller_options"] == own["controller_options"]
+    assert behind["applications"][0]["runtime_env"] == {"working_dir": ".", "env_vars": {**REPLICA_ENV, "B": "2"}}
     # Behind a front door on another address, the replicas see only the front door's loopback connections: the
     # names the front door accepted must pass there too, unless the config lists its own.
     elsewhere = serve_config_behind(config, 8001, "0.0.0.0")
