@@ -3,7 +3,9 @@
 Callers ``await batcher.submit(items)``; a loop gathers queued items until ``max_batch_size`` of them are waiting or
 ``max_wait_s`` has passed since the first, then runs ``run_batch`` on one worker thread (the model's only one) and
 hands each caller back exactly its own rows, in order. A batch that raises is split in halves and retried, so a
-bad item (or a batch too big for GPU memory) fails only the requests it belongs to.
+bad item (or a batch too big for GPU memory) fails only the requests it belongs to. A batch whose rows failed on
+their own (``RowsFailed``: a NaN vector is its input's alone) is not run again: each caller gets its rows' results
+or errors from that one pass.
 
 The queue is bounded (``max_queue``): past it ``submit`` fails at once with 429 instead of letting latency grow
 without limit, and a caller waits at most ``timeout_s`` for its rows. A caller that goes away (its task cancelled)
@@ -15,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -28,6 +30,16 @@ logger = logging.getLogger(__name__)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+
+class RowsFailed(Exception):
+    """Raised by ``run_batch`` when some rows of its batch failed and the others are good, each row computed on its
+    own (a retry in smaller batches would give the same rows): ``errors`` by row, ``outputs`` for every row."""
+
+    def __init__(self, outputs: Sequence[Any] | np.ndarray, errors: Mapping[int, Exception]) -> None:
+        super().__init__(f"{len(errors)} of {len(outputs)} rows failed")
+        self.outputs = outputs
+        self.errors = dict(errors)
 
 
 @dataclass
@@ -158,11 +170,14 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         outputs: Sequence[Out] | np.ndarray | None = None
+        row_errors: dict[int, Exception] = {}
         failure = ""
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(outputs)} rows for {len(batch)} items")
+        except RowsFailed as partial:  # the pass itself worked: its rows are final
+            outputs, row_errors = partial.outputs, partial.errors
         except Exception as exc:  # noqa: BLE001 - any failure is split and handed to the callers it belongs to
             if len(batch) == 1:
                 if not batch[0].future.done():
@@ -179,6 +194,10 @@ class MicroBatcher(Generic[In, Out]):
             return
         if self.observer is not None:
             self.observer(self.name, len(batch), [started - p.queued_at for p in batch], time.perf_counter() - started)
-        for pending, output in zip(batch, outputs, strict=True):
-            if not pending.future.done():
+        for row, (pending, output) in enumerate(zip(batch, outputs, strict=True)):
+            if pending.future.done():
+                continue
+            if row in row_errors:
+                pending.future.set_exception(row_errors[row])
+            else:
                 pending.future.set_result(output)

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
-from common.batching import MicroBatcher
+from common.batching import MicroBatcher, RowsFailed
 from common.config import Modality, ServiceSettings, limit_hint
 from common.contract import EncodedImage, ModelInfo
 from common.device_memory import BatchOutOfMemory, empty_device_cache, is_out_of_memory
@@ -102,7 +102,7 @@ class BatchedService:
     ) -> Callable[[list[In]], Sequence[Out] | np.ndarray]:
         """Out-of-memory -> free the cache and let the batcher split the batch; a lone item that still does not fit
         is a 503. Repeated failures of lone items mean a broken device, not a bad input. A vector with NaN or
-        infinity is never returned: the batch fails (and is split), a lone item fails with 500."""
+        infinity is never returned: its item fails with 500, and the rest of the batch is served (``RowsFailed``)."""
 
         def run(items: list[In]) -> Sequence[Out] | np.ndarray:
             out_of_memory = ""
@@ -128,7 +128,9 @@ class BatchedService:
                     logger.warning("one item does not fit in device memory even alone (%s)", out_of_memory)
                     raise OutOfMemory("one item does not fit in device memory; try a smaller input")
                 raise BatchOutOfMemory(f"a batch of {len(items)} did not fit in device memory ({out_of_memory})")
-            check_finite(result, len(items))
+            non_finite = non_finite_rows(result, len(items))
+            if non_finite:
+                raise RowsFailed(result, non_finite)
             self._failures_in_a_row = 0
             return result
 
@@ -267,19 +269,22 @@ class BatchedService:
             )
 
 
-def check_finite(result: Sequence[Any] | np.ndarray, count: int) -> None:
-    """NonFiniteVector if a row of a batch's vectors has NaN or infinity (a numerical overflow in the model): such a
-    row must never reach a client or an index. The batcher splits a failed batch, so only the inputs that overflow
-    fail, each with its own request."""
+def non_finite_rows(result: Sequence[Any] | np.ndarray, count: int) -> dict[int, NonFiniteVector]:
+    """A NonFiniteVector for each row of a batch's vectors that has NaN or infinity (a numerical overflow in the
+    model): such a row must never reach a client or an index. Rows are computed independently, so only the inputs
+    that overflow fail, each with its own request."""
     if not isinstance(result, np.ndarray) or result.dtype.kind != "f":
-        return
-    bad = ~np.isfinite(result.reshape(count, -1)).all(axis=1)
-    if bad.any():
-        logger.error("the model returned NaN or infinity in %d of %d vectors", int(bad.sum()), count)
-        raise NonFiniteVector(
+        return {}
+    bad = np.flatnonzero(~np.isfinite(result.reshape(count, -1)).all(axis=1))
+    if len(bad):
+        logger.error("the model returned NaN or infinity in %d of %d vectors", len(bad), count)
+    return {
+        int(row): NonFiniteVector(
             "the model produced NaN or infinite values for this input (a numerical overflow in the model, not a "
             "fault of the request); no vector was returned"
         )
+        for row in bad
+    }
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from common.batching import MicroBatcher
+from common.batching import MicroBatcher, RowsFailed
 
 
 class Recorder:
@@ -63,6 +63,22 @@ def test_failing_item_fails_only_its_request() -> None:
     results = asyncio.run(_run(recorder, requests))
     assert results[0] == [10, 20] and results[2] == [40, 50, 60] and results[3] == [70]
     assert isinstance(results[1], ValueError)
+
+
+def test_rows_that_fail_on_their_own_fail_only_their_callers_without_a_split() -> None:
+    """A batch whose rows are computed independently (a NaN vector is that input's alone): run_batch names the rows
+    that failed, the others get their results, and nothing runs twice."""
+
+    class FailsOdd(Recorder):
+        def __call__(self, items: list[int]) -> list[int]:
+            outputs = super().__call__(items)
+            raise RowsFailed(outputs, {row: ValueError(f"odd {item}") for row, item in enumerate(items) if item % 2})
+
+    recorder = FailsOdd()
+    results = asyncio.run(_run(recorder, [[2, 4], [3], [6, 7, 8], [10]]))
+    assert results[0] == [20, 40] and results[3] == [100]
+    assert [str(result) for result in results[1:3]] == ["odd 3", "odd 7"]
+    assert recorder.batches == [[2, 4, 3, 6, 7, 8, 10]]
 
 
 def test_submit_without_start_is_an_error() -> None:

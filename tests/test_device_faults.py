@@ -231,11 +231,14 @@ def test_library_allocation_failures_are_out_of_memory_not_a_broken_device(tiny_
 
 def test_a_vector_with_nan_or_infinity_is_never_returned(tiny_zimage: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An input that overflows in the model (NaN or inf in its vector) fails its own request with a 500 that names
-    the request id, logged with that id; the rest of its batch is served, and the service stays healthy (a client
-    sending such inputs must not be able to take it out of service)."""
+    the request id, logged with that id; the rest of its batch is served from the same forward pass (rows are
+    independent: no item runs twice, so such inputs cannot multiply the model's work), and the service stays
+    healthy (a client sending such inputs must not be able to take it out of service)."""
+    batches: list[list[str]] = []
 
     def overflow(method: BatchMethod) -> BatchMethod:
         def run(texts: Sequence[str]) -> np.ndarray:
+            batches.append(list(texts))
             vectors = method(texts)
             for row, text in enumerate(texts):
                 if "overflow" in text:
@@ -246,11 +249,14 @@ def test_a_vector_with_nan_or_infinity_is_never_returned(tiny_zimage: Path, capl
 
     with serving(text_app(tiny_zimage, wrap_texts=overflow, max_batch_wait_ms=100)) as client:
         expected = client.post("/embed/text", json={"text": "fine"}).json()["embedding"]
+        batches.clear()
         with caplog.at_level(logging.ERROR), ThreadPoolExecutor(2) as pool:
             bad = pool.submit(client.post, "/embed/texts", json={"texts": ["overflow nan", "overflow inf", "a"]})
             fine = pool.submit(client.post, "/embed/texts", json={"texts": ["fine"]})
             error = assert_error(bad.result(), 500, "non_finite_vector")
             assert_same_vectors(fine.result().json()["embeddings"], [np.asarray(expected)])
+        assert sorted(text for batch in batches for text in batch) == ["a", "fine", "overflow inf", "overflow nan"]
+        assert caplog.text.count("the model returned NaN or infinity") == len(batches)  # once a pass, not a split
         request_id = bad.result().headers["x-request-id"]
         assert request_id in error["message"] and "Traceback" not in bad.result().text
         assert request_id in caplog.text and "NaN or infinity" in caplog.text
