@@ -16,6 +16,10 @@ Each round measures every configuration once, in a rotating order, and the figur
 machine may be shared, and its other load changes over minutes. Also printed: which process spent how much CPU per
 request (where Serve's time goes), and Ray's processes and their memory.
 
+Serve runs with the malloc settings that ``cluster.front`` gives it (``PROXY_ENV`` for the controller and its
+proxies, ``REPLICA_ENV`` for the replicas); ``--proxy-malloc glibc-default`` leaves glibc's defaults everywhere, for
+a run to compare against (each run's ratios are against its own standalone figures).
+
 Models as in bench_images / bench_texts: ``tiny-512`` (SigLIP with the real 512 px input and preprocessing, a very
 light tower) and ``tiny-zimage``, so that, as on a GPU box, the CPU's share is decoding and serving.
 """
@@ -196,7 +200,9 @@ def start_standalone(stack: ExitStack, models: dict[str, Path], device: str) -> 
     return urls
 
 
-def deploy_on_serve(models: dict[str, Path], device: str, replicas: int, port: int) -> dict[str, str]:
+def deploy_on_serve(
+    models: dict[str, Path], device: str, replicas: int, port: int, env: dict[str, str]
+) -> dict[str, str]:
     """Both applications with ``replicas`` replicas each, under /NAME-xREPLICAS. Each application's replicas
     together reserve as many CPUs as the machine has (Ray is started with enough logical CPUs for all of them): like
     the standalone processes, each may use every core, and the loads run one service at a time. Ray sets a replica's
@@ -210,7 +216,7 @@ def deploy_on_serve(models: dict[str, Path], device: str, replicas: int, port: i
     urls: dict[str, str] = {}
     for name in ("siglip2", "qwen3"):
         args = {"model": str(models[name]), "device": device, "log_level": "warning"}
-        actor = {"num_cpus": cpus / replicas, "num_gpus": gpus}
+        actor = {"num_cpus": cpus / replicas, "num_gpus": gpus, "runtime_env": {"env_vars": env}}
         app = application(name, args, num_replicas=replicas, ray_actor_options=actor)
         prefix = f"/{name}-x{replicas}"
         serve.run(app, name=prefix[1:], route_prefix=prefix)
@@ -270,6 +276,12 @@ def main() -> None:
     parser.add_argument("--text-requests", type=int, default=960)
     parser.add_argument("--rounds", type=int, default=3, help="each configuration measured this many times, in turn")
     parser.add_argument("--object-store-mb", type=int, default=500)
+    parser.add_argument(
+        "--proxy-malloc",
+        choices=["front-door", "glibc-default"],
+        default="front-door",
+        help="Serve's malloc settings: as cluster.front starts Serve (default), or glibc's defaults",
+    )
     args = parser.parse_args()
 
     cache = OUT / "models"
@@ -288,6 +300,11 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from cluster.front import PROXY_ENV, REPLICA_ENV
+
+    as_front_door = args.proxy_malloc == "front-door"
+    controller_options = {"runtime_env": {"env_vars": PROXY_ENV}} if as_front_door else None
+    replica_env = REPLICA_ENV if as_front_door else {}
     with ExitStack() as stack:
         standalone_urls = start_standalone(stack, models, args.device)
         standalone_procs = descendants(os.getpid())
@@ -304,18 +321,18 @@ def main() -> None:
         init_s = time.perf_counter() - started
         port = free_port()
         started = time.perf_counter()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options)
         stack.callback(serve.shutdown)
         serve_start_s = time.perf_counter() - started
         ray_procs = [proc for proc in descendants(os.getpid()) if proc.pid not in {p.pid for p in standalone_procs}]
         idle = [proc for proc in ray_procs if not proc.name.startswith("ray::ServeReplica")]
         configurations = {
             "standalone": standalone_urls,
-            "Serve, 1 replica": deploy_on_serve(models, args.device, 1, port),
+            "Serve, 1 replica": deploy_on_serve(models, args.device, 1, port, replica_env),
         }
         one_replica_procs = [p for p in descendants(os.getpid()) if p.pid not in {q.pid for q in standalone_procs}]
         configurations["front door, 1 replica"] = start_front_door(stack, models, args.device, port)
-        configurations["Serve, 2 replicas"] = deploy_on_serve(models, args.device, 2, port)
+        configurations["Serve, 2 replicas"] = deploy_on_serve(models, args.device, 2, port, replica_env)
 
         rounds: dict[str, list[Round]] = {name: [] for name in configurations}
         floors: dict[str, list[tuple[float, float]]] = {name: [] for name in configurations}
@@ -356,6 +373,7 @@ def main() -> None:
         lines.append(f"    text load, last round: {rounds[name][-1].cpu_texts}")
     lines.append("")
     lines.append(f"ray.init {init_s:.1f} s, serve.start {serve_start_s:.1f} s; object store {args.object_store_mb} MB")
+    lines.append(f"Serve's malloc settings: {args.proxy_malloc}")
     for label, procs in (
         ("standalone, both services", standalone_procs),
         ("Ray + Serve idle (no application)", idle),
