@@ -12,16 +12,19 @@ and ``load``. The routes and the server are shared, in ``common/``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from common.config import ServiceSettings, default_model
+from common.api import token_routes
+from common.config import MB, ServiceSettings, default_model, limit_hint
+from common.errors import PayloadTooLarge
 from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
 from common.residency import SwappableWeights
 from common.server import ServiceDefinition
@@ -84,6 +87,12 @@ class Qwen3Settings(ServiceSettings):
     max_batch_tokens: int = Field(
         16384, ge=1, description="padded tokens per forward pass; a batch of long texts is split to stay under it"
     )
+    max_token_states_bytes: int = Field(
+        64 * MB,
+        ge=1,
+        description="bytes of one /embed/tokens answer (tokens x dimension x bytes a value; a JSON value counts "
+        f"{token_routes.JSON_VALUE_BYTES}); a request whose answer would be larger is refused (413) before any work",
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -103,6 +112,17 @@ class Qwen3Settings(ServiceSettings):
 def _is_zimage_layout(source: str) -> bool:
     root = Path(source)
     return (root / "text_encoder").is_dir() or (root / "model_index.json").is_file()
+
+
+@dataclass(frozen=True)
+class TokenStatesOf:
+    """A batch item that asks for a text's per-token states instead of its pooled vector (``Qwen3Encoder.encode``):
+    the two kinds share one forward pass."""
+
+    text: str
+
+
+TextItem = str | TokenStatesOf
 
 
 class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
@@ -217,7 +237,11 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         """Tokens the model reads (template included), for the OpenAI route's usage."""
-        return sum(len(ids) for ids in self.tokenize(texts))
+        return sum(self.token_counts(texts))
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Per text, the tokens the model reads (template included, truncated): the rows of its token states."""
+        return [len(ids) for ids in self.tokenize(texts)]
 
     def _chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:
         """Consecutive runs of the length-sorted texts whose padded size stays under max_batch_tokens."""
@@ -233,12 +257,15 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
         return chunks
 
     @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts -> raw (unnormalised) pooled vectors, float32, in input order."""
+    def encode(self, items: Sequence[TextItem]) -> list[np.ndarray | torch.Tensor]:
+        """One row per item, in input order: for a text its raw (unnormalised) pooled vector, float32; for a
+        ``TokenStatesOf`` the recipe's hidden states of its real tokens, ``[tokens, dimension]`` in the model's dtype,
+        on the CPU. Both kinds share the forward passes of one batch."""
+        texts = [item.text if isinstance(item, TokenStatesOf) else item for item in items]
         token_ids = self.tokenize(texts)
         lengths = [len(ids) for ids in token_ids]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        rows: list[Any] = [None] * len(texts)
         text_positions = self.text_positions(texts) if self.recipe.pooling == "mean_text" else None
         for chunk in self._chunks(order, lengths):
             # Pad to the longest text of the chunk, not to max_length: same numbers, far less work.
@@ -246,12 +273,33 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
             input_ids = padded["input_ids"].to(self.device)
             mask = padded["attention_mask"].to(self.device)
             hidden = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+            pooled = [row for row, index in enumerate(chunk) if not isinstance(items[index], TokenStatesOf)]
+            for row, index in enumerate(chunk):
+                if isinstance(items[index], TokenStatesOf):
+                    # Right padding: a text's own tokens are its first lengths[index] positions. A copy, so that the
+                    # padded batch is not kept alive by a view of it.
+                    rows[index] = hidden[row, : lengths[index]].to("cpu", copy=True)
+            if not pooled:
+                continue
+            if len(pooled) < len(chunk):
+                hidden, mask = hidden[pooled], mask[pooled]
             if text_positions is not None:  # pool over the text's own tokens only
                 mask = torch.zeros_like(mask)
-                for row, index in enumerate(chunk):
-                    mask[row, text_positions[index]] = 1
-            vectors[chunk] = self._pool(hidden.float(), mask).cpu().numpy()
-        return vectors
+                for row, chunk_row in enumerate(pooled):
+                    mask[row, text_positions[chunk[chunk_row]]] = 1
+            vectors = self._pool(hidden.float(), mask).cpu().numpy()
+            for chunk_row, vector in zip(pooled, vectors, strict=True):
+                rows[chunk[chunk_row]] = vector
+        return rows
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> raw (unnormalised) pooled vectors, float32, in input order."""
+        return np.stack(self.encode(texts)).astype(np.float32, copy=False)
+
+    def token_states(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Texts -> the recipe's hidden states of every real token of each (the templated, truncated prompt), not
+        pooled or normalised: with the default recipe, exactly what Z-Image's pipeline conditions on."""
+        return cast(list[torch.Tensor], self.encode([TokenStatesOf(text) for text in texts]))
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.recipe.pooling == "last":
@@ -271,8 +319,39 @@ class Qwen3Service(BatchedService):
             model_name=model_name(settings.model, encoder),
             version=encoder.recipe.version(),
             device=device_label,
+            run_texts=encoder.encode,  # vectors and per-token states share the text batches
         )
+        self.settings: Qwen3Settings = settings
         self.encoder = encoder
+
+    @property
+    def states_dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    @property
+    def token_recipe(self) -> dict[str, str | int]:
+        """What decides the per-token states (pooling does not): the answer of /embed/tokens names it."""
+        recipe = self.encoder.recipe
+        return {"layer": recipe.layer, "template": recipe.template, "max_length": recipe.max_length}
+
+    async def embed_token_states(self, texts: Sequence[str], value_bytes: int) -> list[torch.Tensor]:
+        """Per text, the recipe's hidden states of its real tokens (``Qwen3Encoder.encode``), through the text
+        batcher: a batch may hold them and vectors together. 413 before any work when the answer, at
+        ``value_bytes`` a value, would be larger than max_token_states_bytes."""
+        self.check_texts(texts)
+        counting = asyncio.get_running_loop().run_in_executor(self.model_worker, self.encoder.token_counts, texts)
+        tokens = sum(await counting)  # on the model's worker, like every call of its tokenizer
+        size = tokens * self.dimension * value_bytes
+        limit = self.settings.max_token_states_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the answer would be {size} bytes ({tokens} tokens x {self.dimension} values x {value_bytes} bytes); "
+                f"the limit is {limit_hint('max_token_states_bytes', limit)}: send fewer or shorter texts per "
+                "request (or ask for the safetensors format, which is smaller than JSON)"
+            )
+        async with self.residency.in_use():
+            rows = await self.text_batcher.submit([TokenStatesOf(text) for text in texts])
+        return cast(list[torch.Tensor], rows)
 
     def details(self) -> dict[str, Any]:
         encoder = self.encoder
@@ -330,7 +409,13 @@ def text_encoder_files(files: list[str]) -> list[str] | None:
 
 
 SERVICE = ServiceDefinition(
-    "Qwen3 text embeddings", Qwen3Settings, load, DOWNLOAD_HELP, text_encoder_files, lambda s: s.recipe().version()
+    "Qwen3 text embeddings",
+    Qwen3Settings,
+    load,
+    DOWNLOAD_HELP,
+    text_encoder_files,
+    lambda s: s.recipe().version(),
+    extra_routers=(token_routes.router,),  # /embed/tokens: the per-token states (Qwen3Service.embed_token_states)
 )
 build_app, main = SERVICE.build_app, SERVICE.main
 

@@ -9,7 +9,7 @@ no asyncio); the class that satisfies this contract adds the asyncio side: batch
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.batching import MicroBatcher
 from common.config import Modality, ServiceSettings
 from common.residency import Residency
+
+if TYPE_CHECKING:
+    import torch
 
 # Raw base64 or a data:image/... URI (JSON routes), or the bytes of an uploaded file (multipart routes).
 EncodedImage = bytes | str
@@ -95,4 +98,25 @@ class EmbeddingModel(Protocol):
 
     def pair_probabilities(self, cosine: np.ndarray) -> np.ndarray:
         """Text/image cosine similarities -> the model's match probabilities; 400 on a model without images."""
+        ...
+
+
+class TokenStatesModel(EmbeddingModel, Protocol):
+    """A model that also hands out the per-token hidden states its text vectors are pooled from (``/embed/tokens``):
+    what a diffusion pipeline conditions on, so that a generator beside the service needs no text encoder of its
+    own."""
+
+    @property
+    def states_dtype(self) -> torch.dtype:
+        """The dtype the model computes in: the states' own, unless a request asks for another."""
+        ...
+
+    @property
+    def token_recipe(self) -> dict[str, str | int]:
+        """What decides the states (layer, template, max_length): the answer names it."""
+        ...
+
+    async def embed_token_states(self, texts: Sequence[str], value_bytes: int) -> list[torch.Tensor]:
+        """Per text ``[tokens, dimension]`` in ``states_dtype`` on the CPU, in input order; 413 before any work when
+        the answer, at ``value_bytes`` a value, would be too large."""
         ...

@@ -62,6 +62,8 @@ class ServiceDefinition(Generic[SettingsT]):
     select_files: Callable[[list[str]], list[str] | None] | None = None
     # The embedding-space version these settings give (it changes with any option that changes the numbers).
     version_of: Callable[[SettingsT], str] | None = None
+    # Routes of this service beyond the text (and image) ones, e.g. the text service's /embed/tokens.
+    extra_routers: tuple[APIRouter, ...] = ()
 
     def expected_identity(self, settings: SettingsT) -> dict[str, object]:
         """What a service started with these settings will report in /info: the launcher compares a running
@@ -74,7 +76,12 @@ class ServiceDefinition(Generic[SettingsT]):
 
     def routers(self) -> Sequence[APIRouter]:
         takes_images = "image" in self.settings_cls.modalities
-        return [text_routes.router, *([image_routes.router] if takes_images else []), admin_routes.router]
+        return [
+            text_routes.router,
+            *([image_routes.router] if takes_images else []),
+            *self.extra_routers,
+            admin_routes.router,
+        ]
 
     def build_app(self, settings: SettingsT, load: Callable[[], EmbeddingModel] | None = None) -> FastAPI:
         """The FastAPI app; ``load`` replaces model loading in tests (a tiny real model, wrapped or not)."""

@@ -56,8 +56,17 @@ class BatchedService:
     """Satisfies ``common.contract.EmbeddingModel``; a model that reads images adds them in its subclass."""
 
     def __init__(
-        self, settings: ServiceSettings, encoder: TextEncoder, *, model_name: str, version: str, device: str
+        self,
+        settings: ServiceSettings,
+        encoder: TextEncoder,
+        *,
+        model_name: str,
+        version: str,
+        device: str,
+        run_texts: Callable[[list[Any]], Sequence[Any] | np.ndarray] | None = None,
     ) -> None:
+        """``run_texts``: the batch method the text batcher runs (default: the encoder's ``embed_texts``); a model
+        whose text batches carry other kinds of items too (per-token states) passes its own."""
         self.settings = settings
         self.modalities: tuple[Modality, ...] = settings.modalities
         self.text_encoder = encoder
@@ -70,7 +79,7 @@ class BatchedService:
         self.batchers: list[MicroBatcher[Any, Any]] = []
         self.healthy = True
         self._failures_in_a_row = 0
-        self.text_batcher: MicroBatcher[str, np.ndarray] = self.make_batcher(encoder.embed_texts, "texts")
+        self.text_batcher: MicroBatcher[Any, Any] = self.make_batcher(run_texts or encoder.embed_texts, "texts")
         # Sleeps and wakes run on the model's worker too, between batches.
         self.residency = Residency(
             encoder,
@@ -270,21 +279,32 @@ class BatchedService:
 
 
 def non_finite_rows(result: Sequence[Any] | np.ndarray, count: int) -> dict[int, NonFiniteVector]:
-    """A NonFiniteVector for each row of a batch's vectors that has NaN or infinity (a numerical overflow in the
-    model): such a row must never reach a client or an index. Rows are computed independently, so only the inputs
-    that overflow fail, each with its own request."""
-    if not isinstance(result, np.ndarray) or result.dtype.kind != "f":
-        return {}
-    bad = np.flatnonzero(~np.isfinite(result.reshape(count, -1)).all(axis=1))
-    if len(bad):
-        logger.error("the model returned NaN or infinity in %d of %d vectors", len(bad), count)
+    """A NonFiniteVector for each row of a batch's results (a matrix of vectors, or a list of arrays or tensors)
+    that has NaN or infinity (a numerical overflow in the model): such a row must never reach a client or an index.
+    Rows are computed independently, so only the inputs that overflow fail, each with its own request."""
+    if isinstance(result, np.ndarray):
+        if result.dtype.kind != "f":
+            return {}
+        bad = [int(row) for row in np.flatnonzero(~np.isfinite(result.reshape(count, -1)).all(axis=1))]
+    else:
+        bad = [row for row, value in enumerate(result) if not _all_finite(value)]
+    if bad:
+        logger.error("the model returned NaN or infinity in %d of %d results", len(bad), count)
     return {
-        int(row): NonFiniteVector(
+        row: NonFiniteVector(
             "the model produced NaN or infinite values for this input (a numerical overflow in the model, not a "
-            "fault of the request); no vector was returned"
+            "fault of the request); no result was returned"
         )
         for row in bad
     }
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return bool(np.isfinite(value).all())
+    return True
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

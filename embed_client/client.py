@@ -21,6 +21,7 @@ import numpy as np
 import requests
 
 from common.formats import is_image_data_uri, sniff_image_type
+from embed_client.token_states import read_token_states
 
 # Named for the package, not the module: one setting covers client and indexer, and log lines read the same.
 logger = logging.getLogger("embed_client")
@@ -41,6 +42,8 @@ DEFAULT_MAX_ITEMS = 32
 BODY_SAFETY = 0.9
 
 ImageInput = str | os.PathLike[str] | bytes
+# What ``WrongService`` says a service lacks when it has no /embed/tokens (the image service, an older text service).
+TOKEN_STATES = "token states"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,6 +70,11 @@ class WrongService(EmbedClientError):
         self.wanted = wanted
         if wanted == "image" and self.modalities == ["text"]:
             message = f"{url} is a text-only service ({model}); point {point} at the image service, port 6010"
+        elif wanted == TOKEN_STATES:
+            message = (
+                f"{url} ({model}) hands out no per-token states (POST /embed/tokens); point {point} at the text "
+                "service, port 6011"
+            )
         else:
             message = (
                 f"{url} ({model}) embeds {' and '.join(self.modalities) or 'nothing'}, not {wanted}s; "
@@ -302,6 +310,37 @@ class EmbedClient:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> ``(n, dimension)`` float32, in input order."""
         return self._embed(list(texts), images=False)
+
+    def embed_tokens(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Texts -> per text the text service's per-token states, ``[tokens, dimension]`` float32, in input order
+        (``POST /embed/tokens``: the recipe's hidden layer for every real token of the templated, truncated text,
+        not pooled; with the default recipe what Z-Image's pipeline conditions on, see ``embed_client.zimage``).
+        Sent in requests whose answers stay under the service's size bound; received in the model's dtype
+        (bfloat16 on CUDA: half the bytes, and exact as float32). ``WrongService`` for a service without them."""
+        texts = list(texts)
+        if not texts:
+            return []
+        info = self.info()
+        limits = info.get("limits", {})
+        recipe = info.get("recipe") or {}
+        if "max_token_states_bytes" not in limits or "max_length" not in recipe:
+            raise WrongService(
+                self.url, str(info.get("model", "unknown model")), info.get("modalities") or [], TOKEN_STATES, "it"
+            )
+        # The largest answer a text can have (max_length tokens of float32 values) decides how many go together.
+        largest = int(recipe["max_length"]) * int(info["dimension"]) * 4
+        per_request = max(1, min(self.max_items_per_request, int(limits["max_token_states_bytes"]) // largest))
+        sizes = [len(json.dumps(text)) + 2 for text in texts]
+        max_bytes = int(limits.get("max_body_bytes", 32 * 1024 * 1024) * BODY_SAFETY)
+        states: list[np.ndarray] = []
+        for part in split_requests(sizes, per_request, max_bytes):
+            response = self._request("POST", "/embed/tokens", {"texts": texts[part.start : part.stop]})
+            if not response.ok:
+                raise ServiceError.from_response(response)
+            with self._lock:
+                self.requests_sent += 1
+            states += read_token_states(response.content).states
+        return states
 
     # -- embedding ----------------------------------------------------------------------------------------------
 

@@ -178,8 +178,8 @@ def text_app(model: Path, *, wrap_texts: Wrapper | None = None, **overrides: Any
             str(model), CPU, torch.float32, settings.recipe(), max_batch_tokens=settings.max_batch_tokens
         )
         encoder.embed_texts(["warm-up"])
-        if wrap_texts is not None:
-            encoder.embed_texts = wrap_texts(encoder.embed_texts)  # type: ignore[method-assign]
+        if wrap_texts is not None:  # the text batches' method (vectors and per-token states)
+            encoder.encode = wrap_texts(encoder.encode)  # type: ignore[method-assign]
         return Qwen3Service(settings, encoder, "cpu")
 
     return build_text_app(settings, load=load)

@@ -40,6 +40,7 @@ import pytest
 import requests
 import yaml
 from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
 
 from cluster.front import PROXY_ENV, REPLICA_ENV
 from cluster.serve import EmbeddingReplica, application, settings_from_args
@@ -392,6 +393,7 @@ TEXT_CALLS: list[Call] = [
     ("POST", "/embed/text", {"json": {"texts": ["a cat", "a much longer text about a dog on the sea"]}}),
     ("POST", "/embed/texts", {"json": {"texts": ["x", "a red tree", "the sun"], "normalize": False}}),
     ("POST", "/v1/embeddings", {"json": {"input": ["a cat", "a dog"], "model": "m"}}),
+    ("POST", "/embed/tokens", {"json": {"texts": ["a cat", "", "一只猫"], "format": "json"}}),
 ]
 
 BAD_CALLS: list[Call] = [
@@ -444,6 +446,25 @@ def test_every_route_matches_the_standalone_service(
         assert_parity(image_ref, cluster.siglip, call)
     for call in TEXT_CALLS:
         assert_parity(text_ref, cluster.qwen3, call)
+
+
+@pytest.mark.slow
+def test_token_states_are_the_standalone_services(cluster: Cluster, text_ref: TestClient) -> None:
+    """/embed/tokens through the front door and a replica: the same safetensors answer (binary, streamed back), the
+    client reads it, and the image application has no such route."""
+    texts = ["a cat", "the sea and the sun " * 30, "", "一只猫"]
+    expected = load_safetensors(text_ref.post("/embed/tokens", json={"texts": texts}).content)
+    answer = requests.post(cluster.qwen3 + "/embed/tokens", json={"texts": texts}, timeout=60)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
+    got = load_safetensors(answer.content)
+    assert set(got) == set(expected) == {"0", "1", "2", "3"}
+    for name, rows in expected.items():
+        np.testing.assert_allclose(got[name].numpy(), rows.numpy(), atol=2e-5)
+    with EmbedClient(cluster.qwen3) as client:
+        for states, name in zip(client.embed_tokens(texts), ("0", "1", "2", "3"), strict=True):
+            np.testing.assert_allclose(states, expected[name].numpy(), atol=2e-5)
+    missing = requests.post(cluster.siglip + "/embed/tokens", json={"text": "a"}, headers=AUTH, timeout=60)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
 @pytest.mark.slow

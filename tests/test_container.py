@@ -27,11 +27,22 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from embed_client import EmbedClient
+from qwen3_embed import Qwen3Settings
+from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
 from tests import containers
 from tests.doc_examples import Block, blocks, claimed_blocks
-from tests.helpers import free_port, image_bytes, photo_like, public_folder, readable_copy, write_example_photos
+from tests.helpers import (
+    free_port,
+    image_bytes,
+    photo_like,
+    public_folder,
+    readable_copy,
+    wait_ready,
+    write_example_photos,
+)
 from tests.test_readme_examples import as_run_here, runs_here, skipped
 
 pytestmark = pytest.mark.container
@@ -190,6 +201,24 @@ def test_docker_logs_hold_the_access_line_with_the_request_id(
         time.sleep(0.5)
     line = next((line for line in log.splitlines() if request_id in line), "")
     assert "POST /embed/text 200" in line, log[-3000:]
+
+
+def test_the_text_service_lends_its_token_states(
+    tiny_services: tuple[tuple[str, int], tuple[str, int]], tiny_zimage: Path
+) -> None:
+    """/embed/tokens in the container: the host's states of the same tiny model (built from the same seed), read by
+    the client, and their mean is the container's own vector."""
+    _, (_, port) = tiny_services
+    texts = ["a cat", "", "一只猫在晒太阳"]
+    with EmbedClient(f"http://127.0.0.1:{port}") as client:
+        states = client.embed_tokens(texts)
+        vectors = client._json("POST", "/embed/texts", {"texts": texts, "normalize": False})["embeddings"]
+    with TestClient(build_text_app(Qwen3Settings(model=str(tiny_zimage)))) as host:
+        wait_ready(host)
+        expected = host.post("/embed/tokens", json={"texts": texts, "format": "json"}).json()["states"]
+    for rows, reference, vector in zip(states, expected, vectors, strict=True):
+        np.testing.assert_allclose(rows, reference, atol=1e-5)
+        np.testing.assert_allclose(rows.mean(axis=0), vector, atol=1e-5)
 
 
 def embeddings(port: int, inputs: list[str]) -> np.ndarray:

@@ -242,7 +242,7 @@ def test_a_vector_with_nan_or_infinity_is_never_returned(tiny_zimage: Path, capl
             vectors = method(texts)
             for row, text in enumerate(texts):
                 if "overflow" in text:
-                    vectors[row, 3] = np.nan if "nan" in text else np.inf
+                    vectors[row][3] = np.nan if "nan" in text else np.inf
             return vectors
 
         return run

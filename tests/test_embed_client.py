@@ -300,8 +300,12 @@ def test_an_old_server_without_modalities_still_gets_images(scripted: ScriptedSe
 
 
 def test_the_client_imports_without_the_indexers_dependencies() -> None:
-    """A program that only embeds installs requests and numpy: pyarrow and tqdm load with the indexer, on first use."""
-    code = "import sys; sys.modules['pyarrow'] = sys.modules['tqdm'] = None; from embed_client import EmbedClient"
+    """A program that only embeds installs requests and numpy: pyarrow and tqdm load with the indexer, on first use,
+    and torch with Z-Image's prompt embeddings (embed_client.zimage imports it only when called)."""
+    code = (
+        "import sys; sys.modules['pyarrow'] = sys.modules['tqdm'] = sys.modules['torch'] = None; "
+        "from embed_client import EmbedClient; import embed_client.zimage, embed_client.token_states"
+    )
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -37,7 +37,7 @@ IMAGE_OPERATIONS = [
     "POST /rank",
     "POST /v1/embeddings",
 ]
-TEXT_OPERATIONS = ["GET /info", "POST /embed/text", "POST /embed/texts", "POST /v1/embeddings"]
+TEXT_OPERATIONS = ["GET /info", "POST /embed/text", "POST /embed/texts", "POST /v1/embeddings", "POST /embed/tokens"]
 # Both services; fuzzed last, sleep before wake: a generated {"hold": true} would otherwise leave the embedding
 # routes answering 503 "asleep" for the rest of the run.
 ADMIN_OPERATIONS = ["POST /admin/sleep", "POST /admin/wake"]
@@ -49,7 +49,10 @@ def small_image_app(model: Path) -> FastAPI:
 
 
 def small_text_app(model: Path) -> FastAPI:
-    return text_app(model, max_items_per_request=4, max_text_chars=200, max_body_bytes=100_000)
+    # An answer of /embed/tokens of a few texts' states at most.
+    return text_app(
+        model, max_items_per_request=4, max_text_chars=200, max_body_bytes=100_000, max_token_states_bytes=20_000
+    )
 
 
 def fuzz(app: FastAPI, operations: list[str]) -> dict[str, list[int]]:
@@ -120,4 +123,5 @@ def test_text_service_never_answers_5xx(tiny_zimage: Path) -> None:
     # valid and invalid bodies both ran ({"text"} xor {"texts"} is not in the schema: /embed/text gets few 200s)
     assert all(422 in seen[operation] for operation in TEXT_OPERATIONS[1:]), seen
     assert 200 in seen["POST /embed/texts"] and 200 in seen["POST /v1/embeddings"], seen
+    assert 200 in seen["POST /embed/tokens"] and 413 in seen["POST /embed/tokens"], seen  # its size bound too
     assert all(200 in seen[operation] for operation in ADMIN_OPERATIONS), seen
