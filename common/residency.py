@@ -156,6 +156,7 @@ class Residency:
         self._falling_asleep: asyncio.Future[None] | None = None
         self._drained: asyncio.Event | None = None
         self._wake_task: asyncio.Task[None] | None = None
+        self._sleep_task: asyncio.Task[None] | None = None
         self._idle_task: asyncio.Task[Transition] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,7 +186,7 @@ class Residency:
         service's stop waits for anyway)."""
         self.idle_sleep_s = 0.0
         self._cancel_idle_timer()
-        pending = [task for task in (self._wake_task, self._idle_task) if task is not None]
+        pending = [task for task in (self._wake_task, self._sleep_task, self._idle_task) if task is not None]
         await asyncio.gather(*pending, return_exceptions=True)
 
     # -- the gate every request passes ----------------------------------------------------------------------------
@@ -246,14 +247,31 @@ class Residency:
 
     async def sleep(self, reason: Reason, hold: bool = False) -> Transition:
         """Release the weights once the requests already admitted are done; ``hold``: and refuse requests (503
-        ``asleep``) from now until ``wake``. Already asleep: only the hold changes."""
+        ``asleep``) from now until ``wake``. Already asleep: only the hold changes. A sleep, once asked for, runs to
+        its end even if the caller goes away (a client that times out): cancelled half-way, the weights would be
+        gone while the state still said awake."""
         started = time.perf_counter()
         if hold:
             self._held = True
+        await asyncio.shield(self._start_sleep(reason))
+        return Transition(self.state, time.perf_counter() - started)
+
+    def _start_sleep(self, reason: Reason) -> asyncio.Task[None]:
+        """The one sleep under way, started if there is none: callers at the same time share it."""
+        if self._sleep_task is None:
+            self._sleep_task = asyncio.create_task(self._sleep_once(reason), name="sleep-model")
+            self._sleep_task.add_done_callback(self._sleep_ended)
+        return self._sleep_task
+
+    async def _sleep_once(self, reason: Reason) -> None:
         async with self._transition:
             if self._resident == "awake":
                 await self._fall_asleep(reason)
-        return Transition(self.state, time.perf_counter() - started)
+
+    def _sleep_ended(self, task: asyncio.Task[None]) -> None:
+        self._sleep_task = None
+        if not task.cancelled():
+            task.exception()  # seen by the callers still waiting, if any; retrieved here in case none are
 
     async def _fall_asleep(self, reason: Reason) -> None:
         loop = asyncio.get_running_loop()

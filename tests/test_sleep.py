@@ -136,13 +136,13 @@ def test_the_idle_timer_never_fires_under_load_and_fires_after_it(tiny_zimage: P
 
 def test_the_idle_timer_never_fires_while_a_request_is_on_the_model(tiny_zimage: Path) -> None:
     def slow_forward(encoder: Any) -> None:
-        embed_texts = encoder.embed_texts
+        encode = encoder.encode  # the text batches' method
 
         def slowly(texts: Any) -> Any:
             time.sleep(1.5)  # three idle periods on the model
-            return embed_texts(texts)
+            return encode(texts)
 
-        encoder.embed_texts = slowly
+        encoder.encode = slowly
 
     with serving(text_app(tiny_zimage, slow_forward, idle_sleep_s=0.5)) as client, ThreadPoolExecutor(1) as pool:
         running = pool.submit(embed, client, "slow")
@@ -226,13 +226,13 @@ def test_a_wake_that_outlasts_the_request_timeout_is_a_503_and_still_completes(t
 
 def test_a_sleep_on_demand_waits_for_the_work_on_the_model_and_then_wakes_for_the_queue(tiny_zimage: Path) -> None:
     def slow_forward(encoder: Any) -> None:
-        embed_texts = encoder.embed_texts
+        encode = encoder.encode  # the text batches' method
 
         def slowly(texts: Any) -> Any:
             time.sleep(0.5)
-            return embed_texts(texts)
+            return encode(texts)
 
-        encoder.embed_texts = slowly
+        encoder.encode = slowly
 
     with serving(text_app(tiny_zimage, slow_forward)) as client, ThreadPoolExecutor(4) as pool:
         expected = embed(client, "a")
