@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 from common.api import token_routes
 from common.config import MB, ServiceSettings, default_model, limit_hint
 from common.errors import PayloadTooLarge
+from common.identity import weights_fingerprint
 from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
 from common.residency import SwappableWeights
 from common.server import ServiceDefinition
@@ -171,6 +172,7 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
         self.compile_model = compile_model
         self.compile_backend = compile_backend
         self.model = self.load_model()
+        self.fingerprint = weights_fingerprint(self.weight_folders())
         self.dimension: int = config.hidden_size
         self.tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_dir)
         # Right padding keeps every real token at the same position as when the text is alone.
@@ -183,6 +185,9 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
         not on the first multi-item batch of a live request."""
         self.embed_texts(["warm-up"])
         self.embed_texts(["warm-up", "a longer warm-up text, so that the batch is padded"])
+
+    def weight_folders(self) -> list[Path]:
+        return parts_read(self.source)
 
     def load_model(self) -> Qwen3Model:
         """The weights from the folder onto the device (at start-up, and on a wake after an unload)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -22,6 +23,7 @@ from common.batching import MicroBatcher
 from common.config import ImageLimits, ServiceSettings, default_model
 from common.contract import EncodedImage
 from common.decoding import DecodePool
+from common.identity import known_siglip_name, weights_fingerprint
 from common.images import ImageSpec
 from common.loading import (
     describe_device,
@@ -30,6 +32,7 @@ from common.loading import (
     locate_model,
     read_checkpoint_floats,
     read_config,
+    resolve_model_source,
 )
 from common.residency import SwappableWeights
 from common.server import ServiceDefinition
@@ -84,6 +87,8 @@ class Siglip2Encoder(SwappableWeights["SiglipModel"]):
         self.compile_model = compile_model
         self.compile_backend = compile_backend
         self.model = self.load_model()
+        self.fingerprint = weights_fingerprint(self.weight_folders())
+        self.known_name = known_siglip_name(config)
         self.dimension: int = config.vision_config.hidden_size
         # The pair-probability scalars in float32, as the checkpoint has them: cast to bfloat16 with the model, the
         # logit scale 4.7 would become 4.6875 (exp 1.2 % low) and every /similarity probability would be off.
@@ -130,6 +135,9 @@ class Siglip2Encoder(SwappableWeights["SiglipModel"]):
             model.text_model.compile(backend=self.compile_backend)
         return model
 
+    def weight_folders(self) -> list[Path]:
+        return [Path(self.source)]
+
     def image_spec(self, max_pixels: int, jpeg_draft: bool, max_decoded_pixels: int) -> ImageSpec:
         return ImageSpec(self.input_height, self.input_width, self.resample, max_pixels, jpeg_draft, max_decoded_pixels)
 
@@ -175,7 +183,12 @@ class Siglip2Service(BatchedService):
 
     def __init__(self, settings: Siglip2Settings, encoder: Siglip2Encoder, device_label: str) -> None:
         super().__init__(
-            settings, encoder, model_name=display_name(settings.model), version=EMBEDDING_VERSION, device=device_label
+            settings,
+            encoder,
+            # A known checkpoint by its config's name, whatever its folder is called; another by its folder.
+            model_name=encoder.known_name or display_name(settings.model),
+            version=EMBEDDING_VERSION,
+            device=device_label,
         )
         self.settings: Siglip2Settings = settings
         self.encoder = encoder
@@ -218,6 +231,14 @@ class Siglip2Service(BatchedService):
             "logit_scale": self.encoder.logit_scale,
             "logit_bias": self.encoder.logit_bias,
         }
+
+
+def model_identity(settings: Siglip2Settings) -> tuple[str, str]:
+    """The name and fingerprint the service reports for ``settings.model``, from its folder without loading it (the
+    bulk import records them beside its vectors, as the indexer records the service's)."""
+    source = resolve_model_source(settings.model, download_help=DOWNLOAD_HELP)
+    config = read_config(source, None, "siglip", f"a fixed-resolution SigLIP/SigLIP2 checkpoint (e.g. {HUB_ID})")
+    return known_siglip_name(config) or display_name(settings.model), weights_fingerprint([Path(source)])
 
 
 def load(settings: Siglip2Settings) -> Siglip2Service:

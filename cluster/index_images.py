@@ -8,13 +8,13 @@ SOURCE is a local folder or any URI pyarrow reads (s3://bucket/photos, gs://...,
 walked and its files read by the standalone indexer's own code (embed_client/files.py). OUT_DIR becomes a Parquet
 dataset of the vectors alone (the standalone indexer's columns); ``OUT_DIR.failures.parquet`` beside it lists each
 file that could not be embedded and why; cluster/store.py describes the layout and why reruns and kills are safe.
-Files already in OUT_DIR with the same path, size, mtime, model and version are skipped; ``--reindex`` embeds
-everything again.
+Files already in OUT_DIR with the same path, size and mtime, made by the same weights and version, are skipped;
+vectors of other weights in OUT_DIR make the job refuse to start; ``--reindex`` embeds everything again.
 
 Ray prints its own progress. The last line on stdout is one JSON object:
 ``{"embedded": N, "skipped": N, "failed": N, "removed": N, "seconds": S, "out": "OUT_DIR", "failures": "FILE"}``.
-Exit codes: 0 done (even with failed files), 1 the job failed (what finished is kept: rerun to carry on) or another
-run holds OUT_DIR, 2 bad arguments, 130 interrupted.
+Exit codes: 0 done (even with failed files), 1 the job failed (what finished is kept: rerun to carry on), another
+run holds OUT_DIR or it holds vectors of other weights, 2 bad arguments, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ import ray
 from cluster.pipeline import PoolOptions, dataset_location, embedding_dataset, read_image_spec
 from cluster.source import BadLocation, Source, SourceFile, list_images, open_source
 from cluster.store import OutputStore, output_lock
-from common.loading import display_name
 from embed_client.__main__ import positive_int
 from embed_client.files import too_large_reason
-from embed_client.indexer import OutputLocked
-from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings
+from embed_client.indexer import IndexRefused
+from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings, model_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("cluster.index_images")
@@ -114,7 +113,8 @@ def run(
 
     source = open_source(source_uri)
     with output_lock(out):
-        store = OutputStore(out, display_name(settings.model), EMBEDDING_VERSION)
+        model, fingerprint = model_identity(settings)
+        store = OutputStore(out, model, EMBEDDING_VERSION, fingerprint)
         listing = list_images(source)
         files = listing.files
         plan = store.plan(files, reindex, listing.unreadable_folders)
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m cluster.index_images",
         description="Embed every image under SOURCE (a folder or a URI such as s3://bucket/photos) into OUT_DIR "
         "with Ray Data: OUT_DIR becomes a Parquet dataset of the vectors (path, size, mtime, model, version, vector, "
-        "path_bytes); OUT_DIR.failures.parquet beside it lists what could not be embedded and why. Reruns "
+        "path_bytes, fingerprint); OUT_DIR.failures.parquet beside it lists what could not be embedded and why. Reruns "
         "embed only new or changed files. Model options not given here come from the image service's environment "
         "variables (SIGLIP2_MODEL, EMBED_DEVICE, EMBED_DTYPE, ...).",
     )
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadLocation as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    except OutputLocked as exc:
+    except IndexRefused as exc:  # another run writes OUT_DIR, or it holds vectors of other weights
         sys.stderr.write(f"error: {exc}\n")
         return 1
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """The output of a bulk import and how reruns, kills and compaction keep it consistent.
 
 OUT_DIR                  a Parquet dataset of the vectors and nothing else, with the standalone indexer's columns
-                         (path, size, mtime, model, version, vector as a fixed-size float32 list, path_bytes):
+                         (path, size, mtime, model, version, vector as a fixed-size float32 list, path_bytes,
+                         fingerprint):
                          ``pyarrow.dataset.dataset(OUT_DIR)``, ``pq.read_table(OUT_DIR)`` and ``pandas.read_parquet``
                          read exactly the vectors
 OUT_DIR.failures.parquet path, path_bytes, size, mtime, reason of what the last run could not embed: beside OUT_DIR,
@@ -24,7 +25,9 @@ The scheme:
 * The state is read from all parts in (R, S) order, the last row for a path winning. A path is its exact bytes
   (``path_bytes`` where the name is not UTF-8, else ``path``), as the standalone indexer keys it. A row counts while
   its path is in SOURCE with the same size and mtime (or under a folder of SOURCE that could not be listed: kept as
-  it is, as the indexer keeps it), and was made by the same model and version.
+  it is, as the indexer keeps it), and was made by the same weights and version (``same_weights``: by fingerprint,
+  or by the model's name for rows written before fingerprints). Rows of other weights make a run refuse to start
+  (``IndexMismatch``, as the standalone indexer's), unless it reindexes.
 * At the end of a run the parts are compacted: a part whose rows all count stays as it is (unless it is small and
   other parts are rewritten too); the rows that count from every other part are written into new parts of this run
   (they sort last), then the old parts are deleted. A kill during compaction leaves some rows twice, identical; the
@@ -55,14 +58,14 @@ import pyarrow.parquet as pq
 
 from cluster.source import BadLocation, SourceFile, filesystem_from_uri
 from embed_client.files import stored_path
-from embed_client.indexer import index_schema, locked_output
+from embed_client.indexer import IndexMismatch, index_schema, locked_output
 
 logger = logging.getLogger(__name__)
 
 _PART = re.compile(r"^part-(\d{8,})-(\d{8,})\.parquet$")
 # About 230 MB of 1152-d vectors per part: few files for a reader, and compaction holds at most one part's rows.
 ROWS_PER_PART = 50_000
-KEY_COLUMNS = ["path", "path_bytes", "size", "mtime", "model", "version"]
+KEY_COLUMNS = ["path", "path_bytes", "size", "mtime", "model", "version", "fingerprint"]
 FAILURE_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # as the indexer shows it: bytes that are not UTF-8 as \xNN
@@ -149,8 +152,17 @@ def _stored_paths(rels: Sequence[str]) -> dict[str, pa.Array]:
     }
 
 
+def with_fingerprint(table: pa.Table) -> pa.Table:
+    """A part's rows with the fingerprint column: null in parts written before fingerprints."""
+    if "fingerprint" in table.column_names:
+        return table
+    return table.append_column("fingerprint", pa.nulls(table.num_rows, pa.string()))
+
+
 class OutputStore:
-    def __init__(self, out: str, model: str, version: str, rows_per_part: int = ROWS_PER_PART) -> None:
+    def __init__(
+        self, out: str, model: str, version: str, fingerprint: str | None = None, rows_per_part: int = ROWS_PER_PART
+    ) -> None:
         local = local_path(out)
         if local is not None:  # resolved: the same folder and failures file however OUT_DIR is written
             self.fs, root = pa_fs.LocalFileSystem(), str(local)
@@ -160,7 +172,9 @@ class OutputStore:
         self.location = out if "://" in out else root
         self.model = model
         self.version = version
+        self.fingerprint = fingerprint
         self.rows_per_part = rows_per_part
+        self._without_fingerprints: set[str] = set()  # parts written before fingerprints: compaction rewrites them
         self.root = root  # OUT_DIR: the parts of the vectors, nothing else
         self.failures_file = f"{root}.failures.parquet"
         self.failures_location = f"{out.rstrip('/')}.failures.parquet" if local is None else self.failures_file
@@ -260,7 +274,11 @@ class OutputStore:
         tables = []
         for index, name in enumerate(self.parts):
             try:
-                keys = pq.read_table(f"{self.root}/{name}", columns=KEY_COLUMNS, filesystem=self.fs)
+                schema = pq.read_schema(f"{self.root}/{name}", filesystem=self.fs)
+                columns = [column for column in KEY_COLUMNS if column in schema.names]
+                keys = with_fingerprint(pq.read_table(f"{self.root}/{name}", columns=columns, filesystem=self.fs))
+                if "fingerprint" not in schema.names:
+                    self._without_fingerprints.add(name)
             except (pa.ArrowException, OSError) as exc:
                 # Cannot happen to a renamed part short of disk damage; its images are embedded again, and the
                 # compaction deletes it (none of its rows count).
@@ -280,12 +298,12 @@ class OutputStore:
         return keys.filter(pc.is_in(keys["order"], value_set=last["order_max"].combine_chunks()))
 
     def _current(self, winners: pa.Table, files: Sequence[SourceFile], kept_folders: Sequence[str]) -> pa.Table:
-        """Winning rows made by this model and version whose file is still in SOURCE unchanged, or that lie under
+        """Winning rows made by these weights and version whose file is still in SOURCE unchanged, or that lie under
         a folder of SOURCE that could not be listed (``kept_folders``, relative paths; whether their files still
         exist is unknown, so their rows are kept as they are, as the standalone indexer keeps them)."""
         listing = listing_table(files)
         joined = winners.join(listing, keys="key", join_type="left outer")
-        ours = pc.and_(pc.equal(joined["model"], self.model), pc.equal(joined["version"], self.version))
+        ours = self._ours(joined)
         unchanged = pc.and_(
             pc.equal(joined["size"], joined["size_now"]), pc.equal(joined["mtime"], joined["mtime_now"])
         )
@@ -296,8 +314,38 @@ class OutputStore:
             keep = pc.or_(keep, pc.and_(unlisted, pc.starts_with(joined["key"], pattern=prefix)))
         return joined.filter(pc.and_(ours, keep))
 
+    def _ours(self, rows: pa.Table) -> pa.Array:
+        """Per row, whether it was made by these weights and version (the indexer's ``same_weights``, as a mask)."""
+        same_version = pc.equal(rows["version"], self.version)
+        by_name = pc.equal(rows["model"], self.model)
+        if self.fingerprint is None:
+            return pc.and_(same_version, by_name)
+        by_fingerprint = pc.equal(rows["fingerprint"], self.fingerprint)
+        return pc.and_(same_version, pc.if_else(pc.is_null(rows["fingerprint"]), by_name, by_fingerprint))
+
+    def check_same_weights(self, winners: pa.Table) -> None:
+        """``IndexMismatch`` when rows a reader sees were made by other weights (or another version)."""
+        foreign = winners.filter(pc.invert(self._ours(winners)))
+        if foreign.num_rows == 0:
+            return
+        row = foreign.slice(0, 1).to_pylist()[0]
+        named = row["model"] == self.model and row["version"] == self.version
+        what = (
+            f"made by other weights (fingerprint {row['fingerprint']}) than this model of that name "
+            f"(fingerprint {self.fingerprint})"
+            if named
+            else f"not those of {self.model} version {self.version}"
+        )
+        raise IndexMismatch(
+            f"{self.location} holds {foreign.num_rows} vectors of {row['model']} version {row['version']}, {what}; "
+            "vectors of two models never go in one output: run again with --reindex to embed every image anew, "
+            "or choose another OUT_DIR"
+        )
+
     def plan(self, files: Sequence[SourceFile], reindex: bool, kept_folders: Sequence[str] = ()) -> Plan:
         winners = self._winners(self._read_keys())
+        if not reindex:
+            self.check_same_weights(winners)
         current = set() if reindex else set(self._current(winners, files, kept_folders)["key"].to_pylist())
         todo = [f for f in files if row_key(f.rel) not in current]
         return Plan(todo, len(files) - len(todo), winners["key"].combine_chunks())
@@ -319,6 +367,7 @@ class OutputStore:
                 "version": [self.version] * len(files),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
                 "path_bytes": paths["path_bytes"],
+                "fingerprint": [self.fingerprint] * len(files),
             },
             schema=index_schema(vectors.shape[1]),
         )
@@ -352,8 +401,10 @@ class OutputStore:
         counting_orders = current["order"].to_numpy()
         counting = np.bincount(counting_orders >> 32, minlength=len(self.parts))
         totals = np.bincount(keys["order"].to_numpy() >> 32, minlength=len(self.parts))
-        # A part with no rows read (unreadable) is dirty too: compaction deletes it.
+        # A part with no rows read (unreadable) is dirty too: compaction deletes it. So is one written before
+        # fingerprints: rewritten with the column (null), every part of OUT_DIR has one schema.
         dirty = {i for i in range(len(self.parts)) if counting[i] < totals[i] or totals[i] == 0}
+        dirty |= {i for i, name in enumerate(self.parts) if name in self._without_fingerprints}
         small = {i for i in range(len(self.parts)) if totals[i] < self.rows_per_part // 2}
         # Rewriting one small part that is otherwise clean would change nothing.
         rewrite = sorted(dirty | small) if len(dirty | small) > 1 else sorted(dirty)
@@ -371,7 +422,7 @@ class OutputStore:
         for index in indexes:
             rows = np.sort(counting_orders[part_of == index] & 0xFFFFFFFF)
             if len(rows):
-                table = pq.read_table(f"{self.root}/{self.parts[index]}", filesystem=self.fs)
+                table = with_fingerprint(pq.read_table(f"{self.root}/{self.parts[index]}", filesystem=self.fs))
                 buffer.append(table.take(pa.array(rows, pa.int64())))
                 buffered += len(rows)
             while buffered >= self.rows_per_part:

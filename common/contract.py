@@ -39,6 +39,10 @@ class ModelInfo(BaseModel):
     dtype: str
     modalities: list[Modality] = Field(description="which inputs this service embeds")
     tiny: bool = Field(description="true for the tiny random-weight test models: their vectors are meaningless")
+    fingerprint: str = Field(
+        description="of the model's files (configs, tokenizer, a sample of every weight tensor): the same for the "
+        "same weights in any folder, another for other weights"
+    )
 
 
 class EmbeddingModel(Protocol):
@@ -52,6 +56,8 @@ class EmbeddingModel(Protocol):
     modalities: tuple[Modality, ...]
     # True for the tiny random-weight test models (a marker file in their folder): their vectors are meaningless.
     tiny: bool
+    # Of the model's files (common.identity): with the version, what an index made by this model records.
+    fingerprint: str
     # False once the device keeps failing: /health turns 503 so a supervisor restarts the process.
     healthy: bool
     # Every batcher that feeds the model, so the app can export their queue depths and batch sizes.

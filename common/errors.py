@@ -112,6 +112,11 @@ class OutOfMemory(EmbedError, status=503, code="out_of_memory"):
 class NotReady(EmbedError, status=503, code="not_ready"): ...
 
 
+class ModelChanged(EmbedError, status=503, code="model_changed"):
+    """A wake found other weights in the model's folder than the ones loaded at start: they are never served under
+    the old identity; a restart serves them, under their own."""
+
+
 class Asleep(EmbedError, status=503, code="asleep"):
     """The model is held asleep on demand (its GPU lent to another program) until it is woken."""
 

@@ -25,13 +25,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, Literal, Protocol, TypeVar, get_args
 
 import torch
 from pydantic import BaseModel
 
 from common.device_memory import empty_device_cache
-from common.errors import Asleep, EmbedError, NotReady, OutOfMemory, RequestTimeout
+from common.errors import Asleep, EmbedError, ModelChanged, NotReady, OutOfMemory, RequestTimeout
+from common.identity import weights_fingerprint
 from common.memory import collect_and_release
 
 logger = logging.getLogger(__name__)
@@ -73,13 +75,33 @@ ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 class SwappableWeights(Generic[ModuleT]):
     """For an encoder whose weights are one module, ``self.model``, built by ``load_model()`` (the same code at
-    start-up and on a wake after ``unload``). The encoder's other state (tokenizer, preprocessing) stays."""
+    start-up and on a wake after ``unload``). The encoder's other state (tokenizer, preprocessing) stays. A wake
+    after ``unload`` reads the folders again: it first checks that they hold the weights loaded at start
+    (``fingerprint``), because another checkpoint may have been put there since (the image generator's folder,
+    updated) and would otherwise be served under this model's name and version."""
 
     device: torch.device
     model: ModuleT
+    fingerprint: str  # of the weight folders, when the model was loaded at start (common.identity)
 
     def load_model(self) -> ModuleT:
         raise NotImplementedError
+
+    def weight_folders(self) -> list[Path]:
+        """The folders the model is read from, as ``common.identity.weights_fingerprint`` takes them."""
+        raise NotImplementedError
+
+    def check_unchanged(self) -> None:
+        """``ModelChanged`` when the folders no longer hold the weights loaded at start."""
+        now = weights_fingerprint(self.weight_folders())
+        if now != self.fingerprint:
+            folders = ", ".join(str(folder) for folder in self.weight_folders())
+            raise ModelChanged(
+                f"the model's folder ({folders}) holds other weights than the ones this service loaded at start "
+                f"(fingerprint {now}, not {self.fingerprint}): it serves nothing rather than their vectors under "
+                "the old name and version. Restart the service to serve the new weights (under their own identity), "
+                "or put the old ones back"
+            )
 
     def release_weights(self, mode: SleepMode) -> None:
         """Idempotent: a failed restore calls it again to leave nothing half on the device."""
@@ -97,6 +119,7 @@ class SwappableWeights(Generic[ModuleT]):
                 torch.cuda.synchronize(self.device)
                 torch.accelerator.empty_host_cache()  # the pinned host copies, kept by torch's host cache otherwise
         else:
+            self.check_unchanged()
             self.model = self.load_model()
 
 
@@ -342,6 +365,10 @@ class Residency:
             started = time.perf_counter()
             try:
                 await asyncio.get_running_loop().run_in_executor(self.executor, self._restore)
+            except ModelChanged as changed:
+                self._resident = "asleep"
+                logger.error("waking the model failed; it stays asleep: %s", changed.message)
+                raise  # as it is: no Retry-After, retrying does not help until a restart
             except Exception as exc:
                 self._resident = "asleep"
                 raise self._wake_error(exc) from exc

@@ -43,6 +43,7 @@ class TextEncoder(Releasable, Protocol):
     """The pure batch methods of an encoder that reads text (every model here does), and how its weights sleep."""
 
     source: str  # the folder the weights were loaded from
+    fingerprint: str  # of the files the model was loaded from (common.identity)
     device: torch.device
     dimension: int
     dtype: torch.dtype
@@ -75,6 +76,7 @@ class BatchedService:
         self.version = version
         self.device = device
         self.tiny = has_random_weights(encoder.source)
+        self.fingerprint = encoder.fingerprint
         self.model_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.batchers: list[MicroBatcher[Any, Any]] = []
         self.healthy = True
@@ -168,6 +170,7 @@ class BatchedService:
             dtype=str(self.text_encoder.dtype).removeprefix("torch."),
             modalities=list(self.modalities),
             tiny=self.tiny,
+            fingerprint=self.fingerprint,
             **self.details(),
         )
 

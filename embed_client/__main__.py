@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         "index",
         help="embed every image in a folder tree into a parquet file (resumable)",
         description="Embed every image under PHOTO_DIR through the image service into a parquet file with columns "
-        "path, size, mtime, model, version, vector, path_bytes. Reruns embed only new or changed files; an "
-        "interrupted run resumes from its checkpoints (OUT.parts/). One run per output at a time (OUT.lock).",
+        "path, size, mtime, model, version, vector, path_bytes, fingerprint. Reruns embed only new or changed files; "
+        "an interrupted run resumes from its checkpoints (OUT.parts/). One run per output at a time (OUT.lock).",
     )
     index.add_argument("photo_dir", type=Path, metavar="PHOTO_DIR")
     index.add_argument("--out", type=Path, required=True, help="the parquet file to write (e.g. vectors.parquet)")
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--reindex",
         action="store_true",
-        help="embed every image again and replace OUT (needed when OUT holds vectors of another model, version or "
+        help="embed every image again and replace OUT (needed when OUT holds vectors of other weights, version or "
         "dimension than the service's)",
     )
     index.add_argument(

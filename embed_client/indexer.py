@@ -50,7 +50,7 @@ class IndexRefused(EmbedClientError):
 
 
 class IndexMismatch(IndexRefused):
-    """The output (or its leftover checkpoints) holds vectors of another model, version or dimension."""
+    """The output (or its leftover checkpoints) holds vectors of other weights, another version or dimension."""
 
 
 class OutputLocked(IndexRefused):
@@ -60,7 +60,7 @@ class OutputLocked(IndexRefused):
 @dataclass
 class IndexSummary:
     files: int = 0  # images found in the folder (regular files, or links to them, with an image extension)
-    skipped: int = 0  # already indexed with the same size, mtime, model and version
+    skipped: int = 0  # already indexed with the same size and mtime by the same weights and version
     embedded: int = 0  # embedded in this run
     removed: int = 0  # rows dropped: the file is gone or changed
     replaced: int = 0  # rows of the previous output that a reindex replaced
@@ -90,8 +90,23 @@ def index_schema(dimension: int) -> pa.Schema:
             ("vector", pa.list_(pa.float32(), dimension)),
             # the name's bytes, only where it is not valid UTF-8 (then `path` shows it with \xNN escapes)
             ("path_bytes", pa.binary()),
+            # of the weights that made the vector (the service's /info): the same weights under another name are
+            # the same space; null in rows written before fingerprints (then the model's name stands for them)
+            ("fingerprint", pa.string()),
         ]
     )
+
+
+def same_weights(row: tuple[str, str, str | None], ours: tuple[str, str, str | None]) -> bool:
+    """Whether vectors of ``row`` and ``ours`` (model, version, fingerprint) are of one space: the same version and
+    the same weights, by fingerprint when both have one, else (an index or a service from before fingerprints) by
+    the model's name."""
+    (model, version, fingerprint), (our_model, our_version, our_fingerprint) = row, ours
+    if version != our_version:
+        return False
+    if fingerprint is not None and our_fingerprint is not None:
+        return fingerprint == our_fingerprint
+    return model == our_model
 
 
 def write_parquet_atomically(table: pa.Table, path: Path) -> None:
@@ -151,17 +166,26 @@ class ParquetIndex:
     and then deletes the parts. A run that dies leaves the old main file and its parts, both valid; the next run
     reads them all, the latest row for a path winning.
 
-    Vectors of one model, version and dimension only: a main file or part that holds others raises
-    ``IndexMismatch``, unless ``reindex``: then the main file's rows are replaced and such parts ignored (parts of
-    this model are kept, so an interrupted reindex resumes)."""
+    Vectors of one space only (the same weights, version and dimension; ``same_weights``): a main file or part that
+    holds others raises ``IndexMismatch``, unless ``reindex``: then the main file's rows are replaced and such parts
+    ignored (parts of this model are kept, so an interrupted reindex resumes)."""
 
     def __init__(
-        self, out: Path, model: str, version: str, dimension: int, *, reindex: bool = False, source: str = ""
+        self,
+        out: Path,
+        model: str,
+        version: str,
+        dimension: int,
+        *,
+        fingerprint: str | None = None,
+        reindex: bool = False,
+        source: str = "",
     ) -> None:
         self.out = out
         self.parts_dir = out.with_name(out.name + ".parts")
         self.model = model
         self.version = version
+        self.fingerprint = fingerprint
         self.dimension = dimension
         self.reindex = reindex
         self.source = source or "the service"
@@ -183,6 +207,8 @@ class ParquetIndex:
             table = pq.read_table(path)
             if "path_bytes" not in table.column_names:  # written before names that are not UTF-8 were kept
                 table = table.append_column("path_bytes", pa.nulls(table.num_rows, pa.binary()))
+            if "fingerprint" not in table.column_names:  # written before fingerprints
+                table = table.append_column("fingerprint", pa.nulls(table.num_rows, pa.string()))
             table = table.select(self.schema.names)
             vector = table.schema.field("vector").type
             if not pa.types.is_fixed_size_list(vector):
@@ -200,29 +226,42 @@ class ParquetIndex:
             logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
             return None
 
-    def _foreign_space(self, table: pa.Table, dimension: int) -> tuple[str, str, int] | None:
-        """(model, version, dimension) of rows (``table`` has at least their model and version) that are not of
-        this index's space, if there are any."""
+    def _foreign_space(self, table: pa.Table, dimension: int) -> tuple[str, str, str | None, int] | None:
+        """(model, version, fingerprint, dimension) of rows (``table`` has at least their model and version, and a
+        fingerprint where they have one) that are not of this index's space, if there are any."""
         if table.num_rows == 0:
             return None  # nothing to mix up
-        spaces = sorted(set(zip(table.column("model").to_pylist(), table.column("version").to_pylist(), strict=True)))
-        ours = (self.model, self.version)
-        if dimension == self.dimension and spaces == [ours]:
+        fingerprints = (
+            table.column("fingerprint").to_pylist() if "fingerprint" in table.column_names else [None] * table.num_rows
+        )
+        models, versions = table.column("model").to_pylist(), table.column("version").to_pylist()
+        spaces = set(zip(models, versions, fingerprints, strict=True))
+        ours = (self.model, self.version, self.fingerprint)
+        foreign = sorted((space for space in spaces if not same_weights(space, ours)), key=str)
+        if dimension == self.dimension and not foreign:
             return None
-        model, version = next((space for space in spaces if space != ours), spaces[0])
-        return str(model), str(version), dimension
+        model, version, fingerprint = (foreign or sorted(spaces, key=str))[0]
+        return str(model), str(version), fingerprint, dimension
 
-    def _mismatch(self, where: Path, found: tuple[str, str, int]) -> IndexMismatch:
-        model, version, dimension = found
+    def _mismatch(self, where: Path, found: tuple[str, str, str | None, int]) -> IndexMismatch:
+        model, version, fingerprint, dimension = found
+        if model == self.model and version == self.version and dimension == self.dimension:
+            what = (
+                f"{where} holds vectors of {model} version {version} made by other weights (fingerprint "
+                f"{fingerprint}) than the ones {self.source} serves under that name (fingerprint {self.fingerprint})"
+            )
+        else:
+            what = (
+                f"{where} holds vectors of {model} version {version} ({dimension} dimensions), but {self.source} "
+                f"serves {self.model} version {self.version} ({self.dimension} dimensions)"
+            )
         return IndexMismatch(
-            f"{where} holds vectors of {model} version {version} ({dimension} dimensions), but {self.source} serves "
-            f"{self.model} version {self.version} ({self.dimension} dimensions); vectors of two models never go in "
-            f"one index: run again with --reindex to embed every image anew and replace {self.out}, "
-            "or choose another --out"
+            f"{what}; vectors of two models never go in one index: run again with --reindex to embed every image "
+            f"anew and replace {self.out}, or choose another --out"
         )
 
     def check(self) -> None:
-        """``IndexMismatch`` now if the main file or a part holds vectors of another model, version or dimension
+        """``IndexMismatch`` now if the main file or a part holds vectors of other weights, version or dimension
         and this is not a reindex. Quick: reads only schemas and the model and version columns (a file it cannot
         read this way is left to ``current_rows``)."""
         if self.reindex:
@@ -231,8 +270,9 @@ class ParquetIndex:
         files += [(part, self.parts_dir) for part in self._part_files()]
         for path, where in files:
             try:
-                vector = pq.read_schema(path).field("vector").type
-                found = self._foreign_space(pq.read_table(path, columns=["model", "version"]), vector.list_size)
+                schema = pq.read_schema(path)
+                columns = ["model", "version", *(["fingerprint"] if "fingerprint" in schema.names else [])]
+                found = self._foreign_space(pq.read_table(path, columns=columns), schema.field("vector").type.list_size)
             except (pa.ArrowException, OSError, KeyError, AttributeError):
                 continue
             if found is not None:
@@ -302,6 +342,7 @@ class ParquetIndex:
                 "version": [self.version] * len(rows),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
                 "path_bytes": [raw for _, raw in stored],
+                "fingerprint": [self.fingerprint] * len(rows),
             },
             schema=self.schema,
         )
@@ -367,13 +408,14 @@ def index_folder(
     follow_links: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> IndexSummary:
-    """Embed every image under ``photo_dir`` not yet in ``out`` (same path, size, mtime, model and version) and
+    """Embed every image under ``photo_dir`` not yet in ``out`` (same path, size and mtime; same weights and version)
+    and
     write ``out`` anew. Finished work is checkpointed to ``OUT.parts/`` every ``checkpoint_rows`` rows or
     ``checkpoint_s`` seconds and on any interruption, so a rerun resumes. ``on_progress(images_done)`` is called
     after each chunk (tests use it to interrupt a run).
 
     Refuses, before writing anything: a service that does not embed images (``WrongService``), an output or
-    checkpoints of another model, version or dimension unless ``reindex`` (``IndexMismatch``; ``reindex`` embeds
+    checkpoints of other weights, version or dimension unless ``reindex`` (``IndexMismatch``; ``reindex`` embeds
     every image again and replaces the output), an output another run is writing (``OutputLocked``).
     ``warn(message)`` (default: the log) hears that the service runs a tiny random-weight model."""
     info = client.info(refresh=True)
@@ -391,7 +433,10 @@ def index_folder(
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked_output(out):
-        index = ParquetIndex(out, model, version, dimension, reindex=reindex, source=client.url)
+        fingerprint = info.get("fingerprint")  # None from a service older than fingerprints
+        index = ParquetIndex(
+            out, model, version, dimension, fingerprint=fingerprint, reindex=reindex, source=client.url
+        )
         index.check()  # before the scan: a refusal should not wait for a large folder to be listed
         scan = scan_folder(photo_dir, follow_links)
         photos = scan.photos

@@ -446,7 +446,8 @@ def test_one_out_dir_has_one_lock_however_it_is_written(
 
 
 def write_legacy_part(path: Path, files: list[SourceFile], vectors: np.ndarray) -> None:
-    """A part as the older layout holds it (OUT_DIR/vectors/part-R-S.parquet), by the model the import runs."""
+    """A part as the older layout holds it (OUT_DIR/vectors/part-R-S.parquet), by the model the import runs, from
+    before fingerprints (no such column: the model's name stands for the weights)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table(
         {
@@ -458,7 +459,7 @@ def write_legacy_part(path: Path, files: list[SourceFile], vectors: np.ndarray) 
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
             "path_bytes": pa.nulls(len(files), pa.binary()),
         },
-        schema=index_schema(vectors.shape[1]),
+        schema=pa.schema([field for field in index_schema(vectors.shape[1]) if field.name != "fingerprint"]),
     )
     pq.write_table(table, path)
 

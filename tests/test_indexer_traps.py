@@ -221,7 +221,10 @@ def test_an_output_of_another_version_or_model_is_refused_unless_reindex(
         assert fact in error, fact
     assert out.read_bytes() == before and only_entries(tmp_path) == ["photos", "vectors.parquet"]
 
-    pq.write_table(table.set_column(table.schema.get_field_index("model"), "model", pa.array(["other"] * 3)), out)
+    # Another model's rows from before fingerprints (only the name tells the weights then).
+    other = table.set_column(table.schema.get_field_index("model"), "model", pa.array(["other"] * 3))
+    other = other.set_column(other.schema.get_field_index("fingerprint"), "fingerprint", pa.nulls(3, pa.string()))
+    pq.write_table(other, out)
     with pytest.raises(embed_client.EmbedClientError, match=r"other version 1\.0"):
         index_folder(root, out, client, progress=False)
 

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from common.config import load_settings
+from common.identity import weights_fingerprint
 from qwen3_embed import Qwen3Settings, build_app, main
 from tests.helpers import assert_error, ready_client, wait_loaded
 
@@ -21,7 +22,7 @@ def client(tiny_zimage: Path) -> Iterator[TestClient]:
     yield from ready_client(build_app(settings))
 
 
-def test_the_request_shapes_existing_clients_use(client: TestClient) -> None:
+def test_the_request_shapes_existing_clients_use(client: TestClient, tiny_zimage: Path) -> None:
     """The request and response shapes the existing indexers of this service use: ``{"text": ...}`` on /embed/text,
     ``{"texts": [...]}`` on /embed/texts, and the /health body they check before indexing."""
     one = client.post("/embed/text", json={"text": "一只猫在晒太阳"}).json()
@@ -39,6 +40,7 @@ def test_the_request_shapes_existing_clients_use(client: TestClient) -> None:
         "device": "cpu",
         "modalities": ["text"],
         "tiny": True,
+        "fingerprint": weights_fingerprint([tiny_zimage / "text_encoder", tiny_zimage / "tokenizer"]),
         "state": "awake",
     }
 

@@ -84,9 +84,18 @@ def test_health_is_typed_in_the_openapi_schema(any_client: TestClient) -> None:
     assert responses["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Health"}
     assert "503" in responses
     health = schema["components"]["schemas"]["Health"]["properties"]
-    assert {"status", "model", "version", "dimension", "dimensions", "device", "modalities", "tiny", "state"} == set(
-        health
-    )
+    assert {
+        "status",
+        "model",
+        "version",
+        "dimension",
+        "dimensions",
+        "device",
+        "modalities",
+        "tiny",
+        "fingerprint",
+        "state",
+    } == set(health)
 
 
 # -- OpenAI route: what it cannot honour is refused ---------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from common.identity import weights_fingerprint
 from siglip2_embed import Siglip2Service, Siglip2Settings, build_app, load
 from tests.helpers import assert_error, image_bytes, photo_like, ready_client, wait_loaded, wait_ready
 
@@ -28,7 +29,7 @@ def client(tiny_siglip: Path) -> Iterator[TestClient]:
     yield from ready_client(build_app(settings(tiny_siglip, max_items_per_request=4, max_image_bytes=200_000)))
 
 
-def test_health_and_info(client: TestClient) -> None:
+def test_health_and_info(client: TestClient, tiny_siglip: Path) -> None:
     health = client.get("/health").json()
     assert health == {
         "status": "ok",
@@ -39,6 +40,7 @@ def test_health_and_info(client: TestClient) -> None:
         "device": "cpu",
         "modalities": ["image", "text"],
         "tiny": True,
+        "fingerprint": weights_fingerprint([tiny_siglip]),
         "state": "awake",
     }
     info = client.get("/info").json()

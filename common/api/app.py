@@ -181,6 +181,7 @@ class Health(BaseModel):
     device: str
     modalities: list[Modality]
     tiny: bool = Field(description="true for the tiny random-weight test models: their vectors are meaningless")
+    fingerprint: str = Field(description="of the model's weights: the same weights in any folder have the same one")
     state: ResidencyState = Field(description="where the weights are: awake, asleep, waking or held (200 in all four)")
 
 
@@ -220,6 +221,7 @@ async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONRespon
         device=model.device,
         modalities=list(model.modalities),
         tiny=model.tiny,
+        fingerprint=model.fingerprint,
         state=model.residency.state,
     )
     return JSONResponse(body.model_dump())
