@@ -121,7 +121,15 @@ def test_the_build_context_holds_only_what_the_image_needs(base: str) -> None:
     paths = [line.removeprefix("/context/") for line in listing.stdout.split()]
     assert "common/loading.py" in paths and "siglip2_embed.py" in paths
     tops = {path.split("/")[0] for path in paths}
-    assert tops <= {"common", "scripts", "tests", "requirements.txt", "siglip2_embed.py", "qwen3_embed.py"}, tops
+    assert tops <= {
+        "common",
+        "embed_client",
+        "scripts",
+        "tests",
+        "requirements.txt",
+        "siglip2_embed.py",
+        "qwen3_embed.py",
+    }, tops
     assert not [path for path in paths if "__pycache__" in path or path.startswith((".venv", ".git", ".cache", "logs"))]
 
 
