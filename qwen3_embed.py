@@ -13,6 +13,7 @@ and ``load``. The routes and the server are shared, in ``common/``.
 from __future__ import annotations
 
 import asyncio
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -38,10 +39,14 @@ HUB_ID = "Tongyi-MAI/Z-Image-Turbo"
 LOCAL_PATH = "/mnt/hdd/models/Z-Image-Turbo"
 # Names the embedding space of the default recipe; a recipe that differs appends its changes (Qwen3Recipe.version).
 EMBEDDING_VERSION = "1.0"
+# What the service reads of a Z-Image-Turbo repository (8 GB of 30): its download at start-up and DOWNLOAD_HELP.
+ZIMAGE_TEXT_FILES = ("text_encoder/*", "tokenizer/*", "model_index.json")
+# hf takes one pattern per --include (a second word is a file name, and names turn --include off); modelscope takes
+# them all after one --include.
 DOWNLOAD_HELP = (
-    f"    huggingface-cli download {HUB_ID} --include 'text_encoder/*' 'tokenizer/*' model_index.json "
+    f"    hf download {HUB_ID} {' '.join(f'--include {shlex.quote(p)}' for p in ZIMAGE_TEXT_FILES)} "
     f"--local-dir {LOCAL_PATH}\n"
-    f"    # or: modelscope download {HUB_ID} --local_dir {LOCAL_PATH}"
+    f"    # or: modelscope download {HUB_ID} --include {shlex.join(ZIMAGE_TEXT_FILES)} --local_dir {LOCAL_PATH}"
 )
 
 Pooling = Literal["mean", "last", "mean_text"]
@@ -409,7 +414,7 @@ def load(settings: Qwen3Settings) -> Qwen3Service:
 def text_encoder_files(files: list[str]) -> list[str] | None:
     """Of a Z-Image-Turbo repository only the text encoder and tokenizer are needed; a plain Qwen3 repo whole."""
     if "model_index.json" in files:
-        return ["model_index.json", "text_encoder/*", "tokenizer/*"]
+        return list(ZIMAGE_TEXT_FILES)
     return None
 
 

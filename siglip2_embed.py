@@ -46,7 +46,7 @@ LOCAL_PATH = "/mnt/hdd/models/siglip2-so400m-patch16-512"
 # Names the embedding space: change it whenever the same input would get different numbers.
 EMBEDDING_VERSION = "1.0"
 DOWNLOAD_HELP = (
-    f"    huggingface-cli download {HUB_ID} --local-dir {LOCAL_PATH}\n"
+    f"    hf download {HUB_ID} --local-dir {LOCAL_PATH}\n"
     f"    # or: modelscope download {HUB_ID} --local_dir {LOCAL_PATH}"
 )
 

@@ -25,9 +25,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from common.config import DEFAULT_MAX_DECODED_PIXELS, limit_hint
 from common.errors import EmbedError, ImageTooLarge, InvalidImage, UnsupportedImage
-from common.formats import ALLOWED_FORMATS, sniff_image_type
-from common.formats import DESCRIPTION as FORMATS_DESCRIPTION
 from common.libtiff import route_libtiff_messages
+from embed_client.formats import ALLOWED_FORMATS, sniff_image_type
+from embed_client.formats import DESCRIPTION as FORMATS_DESCRIPTION
 
 try:  # HEIC/HEIF/AVIF from phones, where the wheel is available
     import pillow_heif

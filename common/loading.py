@@ -310,5 +310,5 @@ def explain_broken_weights(folder: str | Path, download_help: str) -> Iterator[N
         raise BrokenWeights(
             f"The weights file {path} is truncated or corrupt ({reason}): an interrupted download or copy? "
             f"Delete it and re-download it, for example:\n\n{download_help}\n\n"
-            "(for a file in the Hugging Face cache, add --force-download to the huggingface-cli command)."
+            "(for a file in the Hugging Face cache, add --force-download to the hf download command)."
         ) from exc

@@ -25,9 +25,9 @@ from common.errors import (
     TooManyItems,
     UnsupportedInput,
 )
-from common.formats import is_image_data_uri
 from common.loading import has_random_weights
 from common.residency import Releasable, Residency, pick_sleep_mode
+from embed_client.formats import is_image_data_uri
 
 logger = logging.getLogger(__name__)
 

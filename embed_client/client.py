@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from common.formats import is_image_data_uri, sniff_image_type
+from embed_client.formats import is_image_data_uri, sniff_image_type
 from embed_client.token_states import read_token_states
 
 # Named for the package, not the module: one setting covers client and indexer, and log lines read the same.

@@ -173,7 +173,7 @@ def test_a_replica_whose_model_fails_to_load_fails_to_start_saying_why(
     monkeypatch.chdir(tmp_path)
     replica = EmbeddingReplica("siglip2", Siglip2Settings(model=model, device="cpu"))
     app = replica.__serve_build_asgi_app__()
-    expected = f"(?s)did not load: Model not found: '{model}'.*huggingface-cli download"
+    expected = f"(?s)did not load: Model not found: '{model}'.*hf download"
     with pytest.raises(RuntimeError, match=expected), TestClient(app):
         pass
 

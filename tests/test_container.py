@@ -121,7 +121,15 @@ def test_the_build_context_holds_only_what_the_image_needs(base: str) -> None:
     paths = [line.removeprefix("/context/") for line in listing.stdout.split()]
     assert "common/loading.py" in paths and "siglip2_embed.py" in paths
     tops = {path.split("/")[0] for path in paths}
-    assert tops <= {"common", "scripts", "tests", "requirements.txt", "siglip2_embed.py", "qwen3_embed.py"}, tops
+    assert tops <= {
+        "common",
+        "embed_client",
+        "scripts",
+        "tests",
+        "requirements.txt",
+        "siglip2_embed.py",
+        "qwen3_embed.py",
+    }, tops
     assert not [path for path in paths if "__pycache__" in path or path.startswith((".venv", ".git", ".cache", "logs"))]
 
 
@@ -262,7 +270,7 @@ def failed_start_log(image: str, *args: str, env: dict[str, str], volumes: tuple
 def test_a_missing_model_says_so_and_names_the_mount(image: str) -> None:
     log = failed_start_log(image, "siglip2", env={"SIGLIP2_MODEL": "/models/siglip2-so400m-patch16-512"})
     assert "Model not found: '/models/siglip2-so400m-patch16-512' is not a local folder" in log, log
-    assert "huggingface-cli download google/siglip2-so400m-patch16-512" in log
+    assert "hf download google/siglip2-so400m-patch16-512" in log
     assert "mount the folder that holds the model at /models (docker run -v /path/on/the/host:/models:ro" in log
     assert "Traceback" not in log
 

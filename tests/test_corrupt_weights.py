@@ -48,7 +48,7 @@ def test_truncated_siglip_weights_name_the_file(
         wait_unhealthy(build_image_app(Siglip2Settings(model=str(weights.parent))))
     assert str(weights) in caplog.text
     assert "re-download it" in caplog.text
-    assert "huggingface-cli download google/siglip2-so400m-patch16-512" in caplog.text
+    assert "hf download google/siglip2-so400m-patch16-512" in caplog.text
 
 
 def test_truncated_qwen3_weights_name_the_file(

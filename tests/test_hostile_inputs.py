@@ -24,7 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, features
 
-from common.formats import ALLOWED_FORMATS
+from embed_client.formats import ALLOWED_FORMATS
 from qwen3_embed import Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Settings
@@ -655,7 +655,7 @@ IMAGE_CASES: list[Any] = [
 
 
 def test_the_image_catalogue_covers_every_accepted_format_and_mode() -> None:
-    """The 200 cases above hold every format the services accept (``common.formats.ALLOWED_FORMATS``; a
+    """The 200 cases above hold every format the services accept (``embed_client.formats.ALLOWED_FORMATS``; a
     multi-picture JPEG opens as "MPO") and no other, in every pixel mode the decoder treats differently: 16-bit and
     float greyscale (rescaled), palette (expanded), alpha (shown over white), and the plain conversions."""
     avif = features.check("avif")

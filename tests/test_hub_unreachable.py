@@ -69,7 +69,7 @@ def test_no_network_stops_at_once_saying_the_hub_could_not_be_reached(
     code, err, took = run_main(module, model, hub, tmp_path / "hf")
     assert code == 1, err
     assert "could not be reached" in err and "no network" in err and why in err and hub in err, err
-    assert "Download it on a machine with network access" in err and f"huggingface-cli download {model}" in err
+    assert "Download it on a machine with network access" in err and f"hf download {model}" in err
     assert "Retrying in" not in err and "Traceback" not in err, err  # not one retry of huggingface_hub's backoff
     # Measured under a second here; five retries 1 to 8 s apart took 24 s.
     assert took < 15, err

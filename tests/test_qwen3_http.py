@@ -115,4 +115,4 @@ def test_layer_out_of_range_fails_loading(tiny_qwen3: Path) -> None:
 def test_missing_model_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--model", str(tmp_path / "Z-Image-Turbo")]) == 1
     err = capsys.readouterr().err
-    assert "huggingface-cli download Tongyi-MAI/Z-Image-Turbo" in err and "Traceback" not in err
+    assert "hf download Tongyi-MAI/Z-Image-Turbo" in err and "Traceback" not in err

@@ -126,7 +126,7 @@ def test_missing_model_fails_fast_with_download_help(scripts: Scripts, tmp_path:
     assert "siglip2: FAILED: the process exited" in result.stderr
     assert time.monotonic() - begin < int(scripts.env["START_TIMEOUT"])
     assert str(missing) in result.stderr  # the tail of the log names the path tried ...
-    assert "huggingface-cli download" in result.stderr  # ... and how to download the model
+    assert "hf download" in result.stderr  # ... and how to download the model
     assert "Traceback" not in result.stderr
     assert not (scripts.log_dir / "siglip2.pid").exists()
 

@@ -1,5 +1,6 @@
-"""The image formats the services accept, recognised by their leading bytes. Standard library only: the Python
-client imports this too, without the server's dependencies."""
+"""The image formats the services accept, recognised by their leading bytes. Standard library only. It lives in the
+client's package, the one package a client installs, and the services import it from here: both sides accept the
+same formats."""
 
 from __future__ import annotations
 
