@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar, get_args, get_origin
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliApp,
@@ -57,6 +57,15 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="if set, every route but /health and /metrics needs 'Authorization: Bearer KEY'"
     )
+    api_key_file: Path | None = Field(
+        None, description="read api_key from this file (a Docker or compose secret): it stays out of the environment"
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="if set, only this key may call /admin/sleep and /admin/wake (the api_key gets 403 there); "
+        "without it, the api_key may (or anyone, without one)",
+    )
+    admin_key_file: Path | None = Field(None, description="read admin_key from this file")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_file: str | None = Field(
         None, description="write the log to this file instead of stderr, rotated at 20 MB, 5 old files kept"
@@ -107,6 +116,17 @@ class ServiceSettings(BaseSettings):
         30.0, ge=0, description="on SIGTERM/SIGINT/SIGHUP, time to finish queued requests; the rest get 503"
     )
 
+    @model_validator(mode="after")
+    def _keys_from_files(self) -> ServiceSettings:
+        for name in ("api_key", "admin_key"):
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} and {name}_file: give one of them, not both")
+            setattr(self, name, SecretStr(read_key_file(path, f"{name}_file")))
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -143,6 +163,17 @@ class ImageLimits(BaseSettings):
     max_body_bytes: int = Field(256 * MB, ge=1, description="bytes of one request body, checked while it is read")
     jpeg_draft: bool = Field(True, description="decode large JPEGs at reduced scale (at least 2x the model input)")
     decode_threads: int = Field(0, ge=0, description="image decoding threads; 0 = one per CPU core")
+
+
+def read_key_file(path: Path, what: str) -> str:
+    """A key from a secret file: its content without the line break an editor or ``echo`` leaves at the end."""
+    try:
+        key = path.expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: cannot read {path} ({exc.__class__.__name__}: {exc})") from None
+    if not key:
+        raise ValueError(f"{what}: {path} is empty")
+    return key
 
 
 def limit_hint(name: str, value: int) -> str:

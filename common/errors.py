@@ -78,6 +78,10 @@ class TooManyItems(PayloadTooLarge, code="too_many_items"): ...
 class Unauthorized(EmbedError, status=401, type="authentication_error", code="invalid_api_key"): ...
 
 
+class AdminKeyRequired(EmbedError, status=403, type="permission_error", code="admin_key_required"):
+    """The embedding key, sent to a route that only the admin key may call (sleep, wake)."""
+
+
 class CrossOrigin(EmbedError, status=403, type="permission_error", code="cross_origin"):
     """A browser page of another origin (not in cors_origins) tried to post to the service."""
 

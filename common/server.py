@@ -240,13 +240,30 @@ def limited_server(app: ASGIApp, settings: ServiceSettings, runtime: Runtime | N
     return EmbedServer(config, runtime, settings.shutdown_timeout_s)
 
 
-def serve(app: FastAPI, settings: ServiceSettings) -> int:
-    """Serve until SIGINT/SIGTERM/SIGHUP (uvicorn drains in-flight requests first). Returns the process exit code."""
+def warn_about_keys(settings: ServiceSettings) -> None:
+    """Say at start who may use the service and who may take its model away (sleep, hold)."""
     if not is_loopback(settings.host) and settings.api_key is None:
         logger.warning(
             "listening on %s without an API key: anyone who can reach this port can use it (set EMBED_API_KEY)",
             settings.host,
         )
+    if settings.admin_key is not None:
+        return
+    if settings.api_key is not None:
+        logger.warning(
+            "EMBED_API_KEY also lets every embedding client put the model to sleep and hold it there (POST "
+            "/admin/sleep): set EMBED_ADMIN_KEY to keep that to the program that borrows the GPU"
+        )
+    else:
+        logger.info(
+            "no key: any process that can reach this port may put the model to sleep and hold it there (POST "
+            "/admin/sleep); EMBED_ADMIN_KEY keeps that to the program that borrows the GPU"
+        )
+
+
+def serve(app: FastAPI, settings: ServiceSettings) -> int:
+    """Serve until SIGINT/SIGTERM/SIGHUP (uvicorn drains in-flight requests first). Returns the process exit code."""
+    warn_about_keys(settings)
     server = build_server(app, settings)
     runtime: Runtime = app.state.runtime
 

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=summary, description=summary)
         command.add_argument("--url", default="http://127.0.0.1:6010", help="the service (default %(default)s)")
         command.add_argument("--api-key", default=None, help="Bearer key; default: the EMBED_API_KEY variable")
+        command.add_argument(
+            "--admin-key",
+            default=None,
+            help="the service's admin key, where it has one; default: EMBED_ADMIN_KEY (or the file "
+            "EMBED_ADMIN_KEY_FILE names), else the API key",
+        )
         command.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
         if name == "sleep":
             command.add_argument(
@@ -76,9 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def key_from_environment(name: str) -> str | None:
+    """The variable ``name``, or the content of the file ``name_FILE`` names (a Docker or compose secret)."""
+    if os.environ.get(name):
+        return os.environ[name]
+    path = os.environ.get(f"{name}_FILE")
+    if not path:
+        return None
+    return Path(path).read_text(encoding="utf-8").strip() or None
+
+
 def _sleep_or_wake(args: argparse.Namespace) -> int:
-    api_key = args.api_key or os.environ.get("EMBED_API_KEY")
-    with EmbedClient(args.url, api_key=api_key, timeout=args.timeout) as client:
+    api_key = args.api_key or key_from_environment("EMBED_API_KEY")
+    admin_key = args.admin_key or key_from_environment("EMBED_ADMIN_KEY")
+    with EmbedClient(args.url, api_key=api_key, timeout=args.timeout, admin_key=admin_key) as client:
         try:
             done = client.sleep(hold=args.hold) if args.command == "sleep" else client.wake()
         except EmbedClientError as exc:
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.photo_dir.is_dir():
         sys.stderr.write(f"error: {args.photo_dir} is not a folder\n")
         return 2
-    api_key = args.api_key or os.environ.get("EMBED_API_KEY")
+    api_key = args.api_key or key_from_environment("EMBED_API_KEY")
     with EmbedClient(args.url, api_key=api_key, timeout=args.timeout, max_retries=args.retries) as client:
         try:
             client.wait_until_ready(timeout=args.wait)

@@ -194,9 +194,12 @@ class EmbedClient:
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         max_hold_s: float = DEFAULT_MAX_HOLD_S,
+        admin_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key
+        # For sleep and wake, where the service has an admin key of its own (else the API key is sent there too).
+        self.admin_key = admin_key
         # A short connect timeout: an absent server should fail fast; reading may take a full batch queue.
         self.timeout = (min(10.0, timeout), timeout)
         self.max_retries = max_retries
@@ -294,7 +297,8 @@ class EmbedClient:
         return self._admin("/admin/wake", None)
 
     def _admin(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        response = self._request("POST", path, body)
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else None
+        response = self._request("POST", path, body, headers=headers)
         if not response.ok:
             raise ServiceError.from_response(response)
         result: dict[str, Any] = response.json()
@@ -403,7 +407,12 @@ class EmbedClient:
         return result
 
     def _request(
-        self, method: str, path: str, body: Any = None, retry_statuses: frozenset[int] = RETRY_STATUSES
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        retry_statuses: frozenset[int] = RETRY_STATUSES,
+        headers: dict[str, str] | None = None,
     ) -> requests.Response:
         """One call, retried on connection errors and ``retry_statuses``; the last answer is returned as it is. A
         model held asleep is waited for up to ``max_hold_s`` on top, without counting as retries: the hold ends when
@@ -412,7 +421,9 @@ class EmbedClient:
         held_since: float | None = None
         while True:
             try:
-                response = self._session().request(method, self.url + path, json=body, timeout=self.timeout)
+                response = self._session().request(
+                    method, self.url + path, json=body, headers=headers, timeout=self.timeout
+                )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if attempt >= self.max_retries:
                     raise ServiceUnreachable(f"cannot reach {self.url}{path}: {_reason(exc)}") from exc

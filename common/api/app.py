@@ -260,6 +260,8 @@ async def info(runtime: Annotated[Runtime, Depends(runtime_of)]) -> ServiceInfo 
 # Paths that hold no inputs or vectors and never need a key (the OpenAPI pages, not routes of ours, show the API, not
 # data).
 UNPROTECTED_PATHS = frozenset({"/health", "/metrics"})
+# The routes that take the model from the embedding clients (sleep, wake): the admin key's, when one is set.
+ADMIN_PREFIX = "/admin/"
 
 
 def service_routers(routers: Sequence[APIRouter]) -> list[APIRouter]:
@@ -308,6 +310,8 @@ def request_checks(settings: ServiceSettings, protected_paths: Collection[str]) 
             protected_paths=protected_paths,
             allowed_hosts=settings.allowed_hosts,
             cors_origins=settings.cors_origins,
+            admin_key=settings.admin_key,
+            admin_paths=[path for path in protected_paths if path.startswith(ADMIN_PREFIX)],
         )
     )
     return checks

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.config import MB, limit_hint
 from common.errors import (
+    AdminKeyRequired,
     BodyTimeout,
     CrossOrigin,
     EmbedError,
@@ -314,6 +315,12 @@ def host_allowed(name: str, patterns: Collection[str]) -> bool:
     return False
 
 
+def names_this_machine(name: str) -> bool:
+    """localhost, or a loopback address."""
+    name = name.rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or _is_loopback_address(name)
+
+
 def loopback_name(name: str) -> bool:
     """Names only this machine can mean. An IP address in the Host header is safe too: a page can only make a
     browser send it by connecting to that very address."""
@@ -333,7 +340,12 @@ class RequestGuard(HTTPMiddleware):
       across origins without asking first (no CORS preflight), and the response being unreadable does not undo the
       work. Clients that are not browsers send neither header;
     - API key (401 ``invalid_api_key``), when one is set, on ``protected_paths`` (other paths are 404s or pages
-      that hold no data).
+      that hold no data);
+    - admin key, when one is set, on ``admin_paths`` instead (sleep and wake: who may take the GPU from the
+      embedding clients): only it passes there, and the API key gets 403 ``admin_key_required``.
+
+    With ``allowed_hosts`` set, a request from this machine (a loopback peer) that names this machine (a loopback
+    name) passes too: no DNS name can make a browser send it, and it is what a health probe in the container sends.
     """
 
     def __init__(
@@ -344,9 +356,13 @@ class RequestGuard(HTTPMiddleware):
         protected_paths: Collection[str],
         allowed_hosts: Collection[str],
         cors_origins: Collection[str],
+        admin_key: SecretStr | None = None,
+        admin_paths: Collection[str] = (),
     ) -> None:
         super().__init__(app)
         self.api_key = api_key.get_secret_value().encode() if api_key is not None else None
+        self.admin_key = admin_key.get_secret_value().encode() if admin_key is not None else None
+        self.admin_paths = frozenset(admin_paths)
         self.protected_paths = frozenset(protected_paths)
         self.allowed_hosts = list(allowed_hosts)
         self.cors_origins = frozenset(origin.rstrip("/") for origin in cors_origins)
@@ -370,17 +386,34 @@ class RequestGuard(HTTPMiddleware):
                 "cross-origin requests from browsers are refused; list the page's origin in cors_origins "
                 "(--cors-origins or EMBED_CORS_ORIGINS)"
             )
-        protected = app_path(scope) in self.protected_paths
-        needs_key = self.api_key is not None and scope["method"] != "OPTIONS" and protected
-        if needs_key and not self.key_ok(header(scope, b"authorization") or ""):
-            return Unauthorized(
-                "missing or wrong API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
-            )
+        if scope["method"] == "OPTIONS":
+            return None
+        path, authorization = app_path(scope), header(scope, b"authorization") or ""
+        if self.admin_key is not None and path in self.admin_paths:
+            if self.key_ok(authorization, self.admin_key):
+                return None
+            if self.api_key is not None and self.key_ok(authorization, self.api_key):
+                return AdminKeyRequired(
+                    "this key may embed, not put the model to sleep or wake it: send the admin key "
+                    "(EMBED_ADMIN_KEY) as 'Authorization: Bearer <key>'"
+                )
+            return self._unauthorized("admin key")
+        if self.api_key is not None and path in self.protected_paths and not self.key_ok(authorization, self.api_key):
+            return self._unauthorized("API key")
         return None
+
+    @staticmethod
+    def _unauthorized(what: str) -> Unauthorized:
+        return Unauthorized(
+            f"missing or wrong {what}: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+        )
 
     def host_ok(self, name: str, scope: Scope) -> bool:
         if self.allowed_hosts:
-            return host_allowed(name, self.allowed_hosts)
+            if host_allowed(name, self.allowed_hosts):
+                return True
+            client = scope.get("client")
+            return client is not None and _is_loopback_address(str(client[0])) and names_this_machine(name)
         server = scope.get("server")
         if server and _is_loopback_address(str(server[0])):
             return loopback_name(name)
@@ -395,16 +428,12 @@ class RequestGuard(HTTPMiddleware):
         # Same origin (the /docs page trying a route) sends its own origin: scheme aside, it names the same host.
         return origin is None or urlsplit(origin).netloc.lower() == host.strip().lower() != ""
 
-    def key_ok(self, authorization: str) -> bool:
+    @staticmethod
+    def key_ok(authorization: str, key: bytes) -> bool:
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         # An empty token never passes, not even against an empty key (EMBED_API_KEY= set but blank).
-        return (
-            self.api_key is not None
-            and scheme.lower() == "bearer"
-            and bool(token)
-            and hmac.compare_digest(token.encode("latin-1"), self.api_key)
-        )
+        return scheme.lower() == "bearer" and bool(token) and hmac.compare_digest(token.encode("latin-1"), key)
 
 
 class ReleaseMemoryAfterLargeBodies(HTTPMiddleware):
