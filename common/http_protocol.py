@@ -7,9 +7,12 @@ reaches the app:
 - time: a connection must send its complete request line and headers within ``header_timeout_s`` of connecting or
   of starting a request (slowloris), and an idle one before its first request is closed after that time too
   (uvicorn's keep-alive timeout starts only after a first response);
-- connections: past ``max_connections`` a new connection gets 503 at once and is closed, so that the process never
-  runs out of file descriptors. uvicorn's ``limit_concurrency`` cannot do this: it acts only once a request's
-  headers are complete, and connections that never complete them are the problem;
+- connections: at most ``max_connections``, so that the process never runs out of file descriptors. A new
+  connection past it sheds an old one that holds no request (one that has not sent a byte, oldest first; then an
+  idle keep-alive; then one still sending its headers), so that connections held open without a word cannot lock
+  other clients out; only when every connection has a request in progress does the new one get 503 at once.
+  uvicorn's ``limit_concurrency`` cannot do this: it acts only once a request's headers are complete, and
+  connections that never complete them are the problem;
 - pipelining: uvicorn marks only the newest request of a connection as disconnected when the connection drops, so
   the one still running wrote to a closed transport (two ERROR tracebacks per connection); here it is marked too;
 - every refusal is answered in the usual JSON envelope, and logged as a warning at most once per ``LOG_EVERY_S``
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 # Header fields of one request (Python's http.client allows 100 too; browsers send about 20).
 MAX_HEADERS = 100
 LOG_EVERY_S = 10.0
+# What a shed connection was doing, by its rank (LimitedHttpToolsProtocol._shedding_rank).
+SHED_KINDS = ("it had not sent a byte", "idle between requests", "still sending its headers")
 
 
 class RateLimitedLog:
@@ -64,7 +69,10 @@ class RefusalLogs:
 
     def __init__(self) -> None:
         self.too_many_connections = RateLimitedLog(
-            "%d connections are open: refusing new ones with 503 (max_connections=%d)"
+            "%d connections are open, each with a request in progress: refusing new ones with 503 (max_connections=%d)"
+        )
+        self.shed = RateLimitedLog(
+            "%d connections are open: closed one that held no request (%s) to admit a new one (max_connections=%d)"
         )
         self.headers_too_large = RateLimitedLog("refused a request whose headers were too large (431) from %s")
         self.header_timeout = RateLimitedLog(
@@ -117,13 +125,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._unparsed_header_bytes = 0  # received while the parser was still buffering a header
         self._header_timer: asyncio.TimerHandle | None = None
         self._running: RequestResponseCycle | None = None
+        self._sent_a_byte = False
+        self._idle_since = 0.0  # connected, or its last response ended
+        self._shed = False
 
     # -- connections --------------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
-            self.logs.too_many_connections.warning(len(self.connections) - 1, self.limits.max_connections)
+        self._idle_since = self.loop.time()
+        open_connections = len(self.connections) - sum(1 for c in self.connections if getattr(c, "_shed", False))
+        if open_connections > self.limits.max_connections and not self._shed_one(open_connections):
+            self.logs.too_many_connections.warning(open_connections - 1, self.limits.max_connections)
             self._refuse(
                 TooManyConnections(
                     "the service has too many open connections; retry shortly "
@@ -134,6 +147,38 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._arm_header_timer()
 
+    def _shed_one(self, open_connections: int) -> bool:
+        """Close the connection that holds no request and has held it longest, preferring one that never sent a
+        byte, then an idle keep-alive, then one still sending its headers; False when every other connection has a
+        request in progress."""
+        candidates = [
+            (rank, connection._idle_since, id(connection), connection)
+            for connection in self.connections
+            if isinstance(connection, LimitedHttpToolsProtocol)
+            and connection is not self
+            and not connection._shed
+            and (rank := connection._shedding_rank()) is not None
+        ]
+        if not candidates:
+            return False
+        rank, _, _, victim = min(candidates, key=lambda candidate: candidate[:3])
+        self.logs.shed.warning(open_connections - 1, SHED_KINDS[rank], self.limits.max_connections)
+        victim._shed = True
+        victim._cancel_header_timer()
+        victim.transport.close()
+        return True
+
+    def _shedding_rank(self) -> int | None:
+        """0: has not sent a byte; 1: idle between requests; 2: still sending its request headers; None: a request
+        is in progress (never shed)."""
+        if self.transport.is_closing() or self._refused:
+            return None
+        if not self._sent_a_byte:
+            return 0
+        if self._running is not None and not self._running.response_complete:
+            return None
+        return 2 if self._in_headers else 1
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         running = self._running
@@ -141,6 +186,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             running.disconnected = True
             running.message_event.set()
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        self._idle_since = self.loop.time()
+        super().on_response_complete()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._running = cycle
@@ -156,8 +205,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # -- request line and headers -------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._refused or self._shed:
             return
+        self._sent_a_byte = True
         self._unset_keepalive_if_required()
         self._message_began = False
         try:

@@ -224,34 +224,28 @@ def test_headers_past_the_bounds_get_431(tiny_zimage: Path) -> None:
         assert requests.get(f"{url}/health", timeout=5).status_code == 200
 
 
-def test_slow_headers_and_too_many_connections(tiny_zimage: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_slow_headers_and_idle_connections_are_closed(tiny_zimage: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Slowloris: connections that never finish their headers are closed after header_timeout_s (408), idle ones
-    silently; past max_connections new ones get 503 at once; each kind of refusal is logged, but not each time."""
-    app, settings = text_app(tiny_zimage, max_connections=20, header_timeout_s=1.0)
+    silently; each is logged, but not each time. (Past max_connections: tests/test_connection_shedding.py.)"""
+    app, settings = text_app(tiny_zimage, max_connections=40, header_timeout_s=1.0)
     with caplog.at_level(logging.WARNING), server_thread(app, settings) as url:
         slow = [connect(url, timeout=15) for _ in range(19)]
         idle = connect(url, timeout=15)
         for sock in slow:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
         time.sleep(0.2)
-        refused = [connect(url) for _ in range(10)]
-        for sock in refused:
-            status, headers, body = read_response(sock)
-            assert (status, error_code(body), headers["retry-after"]) == (503, "too_many_connections", "1")
-            sock.close()
         started = time.monotonic()
         for sock in slow:
             send_quietly(sock, b"a")  # still trickling
-            status, headers, body = read_response(sock)
+            status, _, body = read_response(sock)
             assert (status, error_code(body)) == (408, "header_timeout")
             sock.close()
         assert idle.recv(100) == b""  # closed without a word
         idle.close()
         assert time.monotonic() - started < 10  # measured: 1 s; it was never
         assert requests.get(f"{url}/health", timeout=5).status_code == 200
-    refusals = [r.getMessage() for r in caplog.records if "refusing new ones" in r.getMessage()]
     timeouts = [r.getMessage() for r in caplog.records if "had not sent its request headers" in r.getMessage()]
-    assert 1 <= len(refusals) <= 2 and 1 <= len(timeouts) <= 2, (refusals, timeouts)
+    assert 1 <= len(timeouts) <= 2, timeouts
 
 
 def test_the_connection_limit_fits_the_file_limit(
