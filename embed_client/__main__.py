@@ -114,7 +114,16 @@ def _report(summary: IndexSummary, out: Path) -> None:
     if summary.failed:
         sys.stdout.write("not indexed (not in the output; tried again on the next run):\n")
         for path, message in summary.failed:
-            sys.stdout.write(f"  {path}: {message}\n")
+            sys.stdout.write(f"  {one_line(path)}: {one_line(message)}\n")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line of a terminal: a file name may hold a line break (or an escape sequence) and must not
+    start a line of the report of its own, nor recolour the terminal. Control characters are written escaped
+    (``\n``, ``\x1b``), as Python writes them in a string; a backslash stays as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _warn(message: str) -> None:

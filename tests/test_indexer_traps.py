@@ -437,3 +437,19 @@ def test_a_killed_run_leaves_no_lock_that_blocks_the_next(
     assert lock.exists()  # left behind by the killed run; the kernel released its lock
     code, stdout, _ = cli(capsys, *args)
     assert code == 0 and "9 images found" in stdout and len(rows_of(out)) == 9 and not lock.exists()
+
+
+def test_a_file_name_cannot_forge_lines_of_the_report(
+    image_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name with a line break (or an escape sequence) is shown escaped on its own line of the "not indexed"
+    report: it cannot add a line that looks like the report's own, nor recolour the terminal."""
+    root, out = tmp_path / "photos", tmp_path / "vectors.parquet"
+    make_photos(root, ["good.jpg"])
+    forged = "x.jpg: cannot read\n  good.jpg: not indexed either\x1b[2J.jpg"
+    (root / forged).write_bytes(b"not an image")
+    code, stdout, _ = cli(capsys, str(root), "--out", str(out), "--url", image_url, "--api-key", KEY)
+    assert code == 0, stdout
+    report = stdout.split("not indexed (not in the output; tried again on the next run):\n")[1].splitlines()
+    assert len(report) == 1 and report[0].startswith("  x.jpg: cannot read\\n  good.jpg: not indexed either\\x1b[2J")
+    assert "\x1b" not in stdout
