@@ -48,7 +48,6 @@ WORKDIR /app
 COPY common/ common/
 # The services import embed_client.formats: the accepted image formats, which the client shares.
 COPY embed_client/ embed_client/
-COPY tests/__init__.py tests/tiny_models.py tests/
 COPY scripts/container_entrypoint.py scripts/container_health.py scripts/
 COPY siglip2_embed.py qwen3_embed.py ./
 USER 10001:10001

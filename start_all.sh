@@ -53,13 +53,13 @@ url_of() {
   echo "http://$host:$(port_of "$1")"
 }
 
-# Tiny random-weight models, built once for each version of tests/tiny_models.py; sets $tiny_dir.
+# Tiny random-weight models, built once for each version of common/tiny_models.py; sets $tiny_dir.
 build_tiny_models() {
-  tiny_dir=.cache/tiny-models/$(sha256sum tests/tiny_models.py | cut -c1-12)
+  tiny_dir=.cache/tiny-models/$(sha256sum common/tiny_models.py | cut -c1-12)
   [ -d "$tiny_dir" ] && return
   echo "Building tiny random-weight models in $tiny_dir (once)..."
   local tmp="$tiny_dir.tmp.$$"
-  if ! "$VENV/bin/python" -m tests.tiny_models "$tmp" > "$LOG_DIR/tiny-models.log" 2>&1; then
+  if ! "$VENV/bin/python" -m common.tiny_models "$tmp" > "$LOG_DIR/tiny-models.log" 2>&1; then
     tail -n 20 "$LOG_DIR/tiny-models.log" >&2
     rm -rf "$tmp"
     exit 1

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipConfig, SiglipModel
 
-from tests.tiny_models import (
+from common.tiny_models import (
     build_tiny_siglip,
     build_tiny_zimage,
     gemma_tokenizer,

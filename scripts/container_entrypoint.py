@@ -6,7 +6,7 @@ when it starts serving: run as PID 1 itself, a ``docker stop`` during a model do
 SIGKILL. As a child it stops at once then, and once serving it drains the requests in flight on SIGTERM exactly as
 under ./stop_all.sh. This process also reaps orphaned processes, as an init must.
 
-``--tiny`` first builds the service's tiny random-weight model (tests/tiny_models.py) under /tmp, as
+``--tiny`` first builds the service's tiny random-weight model (common/tiny_models.py) under /tmp, as
 ./start_all.sh --tiny does: its vectors are meaningless, only good for trying the API. When no model is named, the
 model's conventional folder under the models mount is used if it is there.
 """
@@ -31,7 +31,7 @@ a hub id downloads into HF_HOME=/hf-cache (mount a volume there).
 """
 
 
-# service -> (its program, the variable naming its model, the tests.tiny_models function that builds its tiny
+# service -> (its program, the variable naming its model, the common.tiny_models function that builds its tiny
 # model, its model's folder under the models mount: the name of the hub repository, as the download help has it)
 SERVICES = {
     "siglip2": ("siglip2_embed.py", "SIGLIP2_MODEL", "build_tiny_siglip", "siglip2-so400m-patch16-512"),
@@ -80,7 +80,7 @@ def main(args: list[str]) -> int:
         tiny = TINY_DIR / args[0]
         if not tiny.is_dir():  # only this service's model: the start is shorter
             sys.stderr.write(f"building a tiny random-weight model in {tiny}...\n")
-            build = f"import sys, pathlib, tests.tiny_models as t; t.{tiny_builder}(pathlib.Path(sys.argv[1]))"
+            build = f"import sys, pathlib, common.tiny_models as t; t.{tiny_builder}(pathlib.Path(sys.argv[1]))"
             status = run([sys.executable, "-c", build, str(tiny)], env)
             if status != 0 or stopping:
                 return status or 1

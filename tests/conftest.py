@@ -18,12 +18,12 @@ import torch
 from fastapi.testclient import TestClient
 from transformers.utils import logging as transformers_logging
 
+from common.tiny_models import build_tiny_qwen3, build_tiny_siglip, build_tiny_zimage
 from qwen3_embed import Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
 from tests.helpers import SERVICES, Scripts, free_port, ready_client, service_pids
-from tests.tiny_models import build_tiny_qwen3, build_tiny_siglip, build_tiny_zimage
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,18 @@ def test_compile_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings(Siglip2Settings, ["--compile"]).compile
     monkeypatch.setenv("EMBED_COMPILE", "true")
     assert load_settings(Siglip2Settings, []).compile
+
+
+def test_a_siglip_start_logs_no_warning_about_transformers_default_text_config(tiny_siglip: Path) -> None:
+    """transformers builds its default SiglipTextConfig (whose token ids lie outside its vocabulary) whenever it
+    prints a SigLIP config: every start warned "eos_token_id must be None or an integer within the vocabulary"."""
+    code = (
+        "import sys; from common.server import configure_logging; configure_logging('info'); "
+        "from transformers import AutoConfig; AutoConfig.from_pretrained(sys.argv[1])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_siglip)], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "within the vocabulary" not in result.stderr

@@ -21,13 +21,13 @@ from transformers import SiglipConfig
 
 from bench.models import SO400M_512
 from common.identity import known_siglip_name, weights_fingerprint
+from common.tiny_models import build_tiny_siglip, build_tiny_zimage
 from embed_client import EmbedClient, IndexMismatch, index_folder
 from qwen3_embed import Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
 from tests.helpers import assert_error, image_bytes, photo_like, serve_in_thread
-from tests.tiny_models import build_tiny_siglip, build_tiny_zimage
 
 # --- the fingerprint --------------------------------------------------------------------------------------------------
 

@@ -513,7 +513,7 @@ def rss_bytes() -> int:
 def test_unload_gives_the_weights_memory_back_to_the_system(tmp_path: Path) -> None:
     """On the CPU, an unloaded model's RSS goes back to the system (glibc would keep it in its arenas), and
     sleep/wake cycles do not make the process grow."""
-    from tests.tiny_models import build_tiny_siglip
+    from common.tiny_models import build_tiny_siglip
 
     model = build_tiny_siglip(tmp_path / "siglip-177mb", hidden_size=1024)  # 44 M parameters, 177 MB in float32
     release_free_memory()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 
-from tests.tiny_models import build_tiny_zimage
+from common.tiny_models import build_tiny_zimage
 
 
 def build_tiny_zimage_pipeline(out: Path, seed: int = 0) -> Path:

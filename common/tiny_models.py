@@ -1,6 +1,7 @@
-"""Build tiny random-weight models, offline, in the real on-disk layouts.
-
-The services are tested against these instead of the real checkpoints (no weights can be downloaded here):
+"""Build tiny random-weight models, offline, in the real on-disk layouts: what ``--tiny`` runs (``start_all.sh``,
+the container, the Ray front door and import), so that the API can be tried without any weights, and what the tests
+check the services against instead of the real checkpoints. Their vectors are meaningless; a marker file in every
+folder makes the services say so (``"tiny": true``).
 
 * ``build_tiny_siglip(out)``: a SigLIP checkpoint folder as the hub holds ``google/siglip2-so400m-patch16-512``
   (``config.json`` with ``model_type "siglip"``, ``model.safetensors``, ``preprocessor_config.json``, a
@@ -9,7 +10,7 @@ The services are tested against these instead of the real checkpoints (no weight
   ``Qwen3ForCausalLM`` config, ``tokenizer/`` with a Qwen2 byte-level BPE tokenizer and the Qwen3 chat template).
 * ``build_tiny_qwen3(out)``: a plain Qwen3 folder whose tokenizer appends ``<|endoftext|>``, as Qwen3-Embedding's does.
 
-Run ``python -m tests.tiny_models OUT_DIR`` to write all three under OUT_DIR (``siglip/``, ``zimage/``, ``qwen3/``).
+Run ``python -m common.tiny_models OUT_DIR`` to write all three under OUT_DIR (``siglip/``, ``zimage/``, ``qwen3/``).
 """
 
 from __future__ import annotations
