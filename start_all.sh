@@ -82,22 +82,40 @@ start_service() {
     return 3
   fi
   if (: < "/dev/tcp/127.0.0.1/$port") 2> /dev/null; then
-    echo "$name: port $port is already in use by another program (SIGLIP2_PORT / QWEN3_PORT choose others)" >&2
+    echo "$name: port $port is already in use by $(port_holder "$port") (SIGLIP2_PORT / QWEN3_PORT choose others)" >&2
     return 1
   fi
+  # The id this start gives the process: /health says it, so "ready" means this process answers, not another
+  # program that took the port meanwhile.
+  local instance
+  instance="start_all-$$-$RANDOM$RANDOM"
+  printf -v "instance_$name" %s "$instance"
   # logs/$name.log is the service's own rotated log; the console file catches what comes before logging is set
   # up (tracebacks at import time) and is truncated at each start. On failure, show only what this start logged.
   local size=0
   if [ -f "$LOG_DIR/$name.log" ]; then size=$(wc -c < "$LOG_DIR/$name.log"); fi
   printf -v "log_start_$name" %s "$((size))"
-  nohup "$VENV/bin/python" "${name}_embed.py" --port "$port" --log-file "$LOG_DIR/$name.log" \
+  nohup "$VENV/bin/python" "${name}_embed.py" --port "$port" --log-file "$LOG_DIR/$name.log" --instance-id "$instance" \
     > "$LOG_DIR/$name.console.log" 2>&1 < /dev/null &
   echo $! > "$(pid_file "$name")"
 }
 
-# One line "model=... device=..." once $1/health answers 200; fails while it does not.
+# Who listens on TCP port $1 ("pid=123 (python3 ...)"), as far as this user may see it.
+port_holder() {
+  local users pid
+  users=$(ss -Hltnp "( sport = :$1 )" 2> /dev/null | grep -o 'pid=[0-9]*' | head -n 1) || true
+  pid=${users#pid=}
+  if [ -n "$pid" ]; then
+    echo "pid=$pid ($(ps -p "$pid" -o args= 2> /dev/null | cut -c1-80))"
+  else
+    echo "another program (ss -ltnp shows which)"
+  fi
+}
+
+# One line "model=... device=..." once $1/health answers 200 from the process given the instance id $2; exit 1
+# while nothing answers, 3 when another program answers there.
 health() {
-  "$VENV/bin/python" - "$1" << 'PY'
+  "$VENV/bin/python" - "$1" "$2" << 'PY'
 import json, sys, urllib.request
 
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never send localhost to a proxy
@@ -106,6 +124,8 @@ try:
         h = json.load(response)
 except Exception:
     sys.exit(1)
+if h.get("instance") != sys.argv[2]:
+    sys.exit(3)
 tiny = "  TINY RANDOM WEIGHTS: meaningless vectors" if h.get("tiny") else ""
 sys.stdout.write(f"model={h['model']} version={h['version']} dimension={h['dimension']} device={h['device']}{tiny}\n")
 PY
@@ -125,16 +145,22 @@ report_failure() {
 
 # Poll /health of service $1 until it is ready, its process has died (fail at once) or START_TIMEOUT passes.
 wait_ready() {
-  local name=$1 url summary deadline=$((SECONDS + START_TIMEOUT))
+  local name=$1 url summary answered deadline=$((SECONDS + START_TIMEOUT)) instance_var="instance_$1"
   url=$(url_of "$name")
   while true; do
-    if summary=$(health "$url"); then
+    answered=0
+    summary=$(health "$url" "${!instance_var}") || answered=$?
+    if [ "$answered" = 0 ]; then
       echo "$name: ready at $url  $summary"
       return
     fi
     if ! service_pid "$name" > /dev/null; then
       rm -f "$(pid_file "$name")"
-      report_failure "$name" "the process exited"
+      if [ "$answered" = 3 ]; then
+        report_failure "$name" "the process exited, and $(port_holder "$(port_of "$name")") answers on its port"
+      else
+        report_failure "$name" "the process exited"
+      fi
       return 1
     fi
     if ((SECONDS >= deadline)); then

@@ -66,6 +66,12 @@ class ServiceSettings(BaseSettings):
         "without it, the api_key may (or anyone, without one)",
     )
     admin_key_file: Path | None = Field(None, description="read admin_key from this file")
+    instance_id: str | None = Field(
+        None,
+        max_length=128,
+        description="an id the launcher gives this process: GET /health says it (instance), so that the launcher "
+        "knows the answer came from the process it started and not from another program on the port",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_file: str | None = Field(
         None, description="write the log to this file instead of stderr, rotated at 20 MB, 5 old files kept"

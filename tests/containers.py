@@ -229,10 +229,16 @@ def run_options(env: dict[str, str] | None, volumes: tuple[str, ...]) -> list[st
     return options
 
 
-def start_container(image: str, *args: str, env: dict[str, str] | None = None, volumes: tuple[str, ...] = ()) -> str:
-    """``docker run -d`` on the host network; returns the container's id."""
-    options = ["--name", f"embed-test-{uuid.uuid4().hex[:8]}", *run_options(env, volumes)]
-    return docker("run", "-d", *options, image, *args).stdout.strip()
+def start_container(
+    image: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    volumes: tuple[str, ...] = (),
+    options: tuple[str, ...] = (),
+) -> str:
+    """``docker run -d`` on the host network (and ``options``); returns the container's id."""
+    named = ["--name", f"embed-test-{uuid.uuid4().hex[:8]}", *run_options(env, volumes), *options]
+    return docker("run", "-d", *named, image, *args).stdout.strip()
 
 
 def state(container: str) -> dict[str, object]:

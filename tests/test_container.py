@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -220,13 +221,15 @@ def test_the_text_service_lends_its_token_states(
     texts = ["a cat", "", "一只猫在晒太阳"]
     with EmbedClient(f"http://127.0.0.1:{port}") as client:
         states = client.embed_tokens(texts)
-        vectors = client._json("POST", "/embed/texts", {"texts": texts, "normalize": False})["embeddings"]
+        pooled = [text or "-" for text in texts]  # /embed/texts takes no empty text; its vector is unchecked
+        vectors = client._json("POST", "/embed/texts", {"texts": pooled, "normalize": False})["embeddings"]
     with TestClient(build_text_app(Qwen3Settings(model=str(tiny_zimage)))) as host:
         wait_ready(host)
         expected = host.post("/embed/tokens", json={"texts": texts, "format": "json"}).json()["states"]
-    for rows, reference, vector in zip(states, expected, vectors, strict=True):
+    for rows, reference, vector, text in zip(states, expected, vectors, texts, strict=True):
         np.testing.assert_allclose(rows, reference, atol=1e-5)
-        np.testing.assert_allclose(rows.mean(axis=0), vector, atol=1e-5)
+        if text:
+            np.testing.assert_allclose(rows.mean(axis=0), vector, atol=1e-5)
 
 
 def embeddings(port: int, inputs: list[str]) -> np.ndarray:
@@ -308,6 +311,47 @@ def keyed_qwen3(image: str) -> Iterator[tuple[str, int]]:
         containers.remove(container)
 
 
+def test_a_hardened_container_is_healthy_and_keeps_its_keys_out_of_docker_inspect(image: str, public_dir: Path) -> None:
+    """As docs/containers.md hardens it: a read-only root with a tmpfs /tmp, EMBED_ALLOWED_HOSTS (the advice off
+    loopback; the container binds 0.0.0.0), the port from EMBED_PORT, an API key and an admin key from secret files.
+    Docker's own health probe passes; the keys are in neither `docker inspect` nor PID 1's environment; and they
+    are enforced, as the Host check is."""
+    secrets = public_dir / "secrets"
+    secrets.mkdir()
+    (secrets / "api_key").write_text("inspect-must-not-show-this\n")
+    (secrets / "admin_key").write_text("nor-this-admin-key\n")
+    for path in (secrets, *secrets.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    port = free_port()
+    env = {
+        "EMBED_PORT": str(port),
+        "EMBED_ALLOWED_HOSTS": '["embed.example.com"]',
+        "EMBED_API_KEY_FILE": "/run/secrets/api_key",
+        "EMBED_ADMIN_KEY_FILE": "/run/secrets/admin_key",
+    }
+    options = ("--read-only", "--tmpfs", "/tmp")
+    container = containers.start_container(
+        image, "qwen3", "--tiny", env=env, volumes=(f"{secrets}:/run/secrets:ro",), options=options
+    )
+    try:
+        containers.wait_healthy(container, timeout=300)
+        inspected = containers.docker("inspect", container).stdout
+        environment = containers.docker("exec", container, "cat", "/proc/1/environ").stdout
+        for secret in ("inspect-must-not-show-this", "nor-this-admin-key"):
+            assert secret not in inspected and secret not in environment
+        url, host = f"http://127.0.0.1:{port}", {"Host": "embed.example.com"}
+        assert httpx.post(url + "/embed/text", json={"text": "a"}, headers=host, timeout=60).status_code == 401
+        key = {**host, "Authorization": "Bearer inspect-must-not-show-this"}
+        assert httpx.post(url + "/embed/text", json={"text": "a"}, headers=key, timeout=60).status_code == 200
+        assert httpx.post(url + "/admin/sleep", headers=key, timeout=60).status_code == 403
+        admin = {**host, "Authorization": "Bearer nor-this-admin-key"}
+        assert httpx.post(url + "/admin/sleep", headers=admin, timeout=60).json()["state"] == "asleep"
+        other = httpx.get(url + "/health", headers={"Host": "evil.example"}, timeout=60)
+        assert other.status_code == 400
+    finally:
+        containers.remove(container)
+
+
 def test_the_api_key_is_enforced(keyed_qwen3: tuple[str, int]) -> None:
     _, port = keyed_qwen3
     url = f"http://127.0.0.1:{port}/embed/text"
@@ -358,36 +402,64 @@ def compose(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess
     return result
 
 
-def test_compose_file_is_valid(docker_available: None, public_dir: Path) -> None:
+def services_of(*files: str, env: dict[str, str]) -> dict[str, Any]:
+    """The services as compose merges ``files`` (none: compose.yaml and compose.override.yaml, as compose reads them
+    by default)."""
+    args = [arg for name in files for arg in ("-f", name)]
+    services: dict[str, Any] = yaml.safe_load(compose(*args, "config", env=env).stdout)["services"]
+    return services
+
+
+def test_compose_files_are_valid(docker_available: None, public_dir: Path) -> None:
+    """`docker compose up` (compose.yaml and compose.override.yaml): the CUDA image with the GPU reserved; with
+    compose.cpu.yaml instead: the CPU image and no GPU; both with a read-only root, the ports on loopback, the
+    healthcheck, the drain's grace period and the settings passed through; compose.tiny.yaml and
+    compose.secrets.yaml on top of either."""
     env = {"MODELS_DIR": str(public_dir), "EMBED_API_KEY": "from-the-env", "EMBED_SLEEP_MODE": "unload"}
-    config = yaml.safe_load(compose("-f", "compose.yaml", "config", env=env).stdout)
+    gpu, cpu = services_of(env=env), services_of("compose.yaml", "compose.cpu.yaml", env=env)
     for name, port in (("siglip2", 6010), ("qwen3", 6011)):
-        service = config["services"][name]
-        assert service["command"] == [name]
-        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in device["capabilities"] for device in devices)
-        assert all(str(p).startswith(f"127.0.0.1:{port}:{port}") for p in service["ports"]), service["ports"]
-        assert f"{public_dir}:/models:ro" in service["volumes"]
-        assert service["restart"] == "unless-stopped"
-        grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
-        assert grace and int(grace.group(1)) > DRAIN_S
-        assert service["healthcheck"]["test"][-1] == "/app/scripts/container_health.py"
-        assert service["environment"]["EMBED_API_KEY"] == "from-the-env"
-        assert service["environment"]["EMBED_SLEEP_MODE"] == "unload"
-    tiny = yaml.safe_load(compose("-f", "compose.yaml", "-f", "compose.tiny.yaml", "config", env=env).stdout)
-    assert tiny["services"]["siglip2"]["command"] == ["siglip2", "--tiny"]
-    assert tiny["services"]["qwen3"]["command"] == ["qwen3", "--tiny"]
+        assert gpu[name]["build"]["args"]["DEVICE"] == "cuda" and gpu[name]["image"] == "embed"
+        assert "deploy" not in cpu[name] and cpu[name]["build"]["args"]["DEVICE"] == "cpu"
+        assert cpu[name]["image"] == "embed:cpu"
+        for service in (gpu[name], cpu[name]):
+            assert service["command"] == [name]
+            assert all(str(p).startswith(f"127.0.0.1:{port}:{port}") for p in service["ports"]), service["ports"]
+            assert f"{public_dir}:/models:ro" in service["volumes"]
+            assert service["read_only"] is True and "/tmp" in service["tmpfs"]
+            assert service["restart"] == "unless-stopped"
+            grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
+            assert grace and int(grace.group(1)) > DRAIN_S
+            assert service["healthcheck"]["test"][-1] == "/app/scripts/container_health.py"
+            assert service["environment"]["EMBED_API_KEY"] == "from-the-env"
+            assert service["environment"]["EMBED_SLEEP_MODE"] == "unload"
+    for machine in ("compose.override.yaml", "compose.cpu.yaml"):
+        tiny = services_of("compose.yaml", machine, "compose.tiny.yaml", env=env)
+        assert tiny["siglip2"]["command"] == ["siglip2", "--tiny"] and tiny["qwen3"]["command"] == ["qwen3", "--tiny"]
+    keys = public_dir / "keys"
+    keys.mkdir()
+    (keys / "api").write_text("secret\n")
+    (keys / "admin").write_text("admin-secret\n")
+    secret_env = {"MODELS_DIR": str(public_dir), "EMBED_API_KEY_SOURCE": str(keys / "api")}
+    secret_env["EMBED_ADMIN_KEY_SOURCE"] = str(keys / "admin")
+    with_secrets = services_of("compose.yaml", "compose.cpu.yaml", "compose.secrets.yaml", env=secret_env)
+    for service in with_secrets.values():
+        assert service["environment"]["EMBED_API_KEY_FILE"] == "/run/secrets/embed_api_key"
+        assert service["environment"]["EMBED_ADMIN_KEY_FILE"] == "/run/secrets/embed_admin_key"
+        # not set in this shell: passed as unset, never as a value
+        assert service["environment"].get("EMBED_API_KEY") is service["environment"].get("EMBED_ADMIN_KEY") is None
 
 
-def test_compose_starts_both_services_healthy(image: str, public_dir: Path) -> None:
-    """compose.yaml with compose.tiny.yaml and an override for this machine: host networking on free ports. This
-    machine has no GPU, and an override cannot remove compose.yaml's GPU reservation: the test runs a copy of
-    compose.yaml without it (and without the published ports, which host networking has no use for)."""
+def test_compose_on_a_machine_without_a_gpu(image: str, public_dir: Path) -> None:
+    """The documented CPU way as written: compose.yaml, compose.cpu.yaml, compose.tiny.yaml and compose.secrets.yaml,
+    and an override for this machine (host networking on free ports). Only the published ports are taken out of a
+    copy of compose.yaml: publishing needs Docker's bridge network, which this machine does not have (an override
+    cannot remove them). Both services become healthy, read-only, their keys from the secret files and enforced."""
     base = yaml.safe_load((ROOT / "compose.yaml").read_text())
     base.pop("x-service")  # its settings are merged into each service by now
     for service in base["services"].values():
-        for key in ("deploy", "ports", "build"):  # the image is the one built above
-            service.pop(key)
+        service.pop("ports")
     ports = {"siglip2": free_port(), "qwen3": free_port()}
     override = {
         "services": {
@@ -399,30 +471,34 @@ def test_compose_starts_both_services_healthy(image: str, public_dir: Path) -> N
     files.mkdir()
     (files / "compose.yaml").write_text(yaml.safe_dump(base))
     (files / "compose.host.yaml").write_text(yaml.safe_dump(override))
-    shutil.copy(ROOT / "compose.tiny.yaml", files / "compose.tiny.yaml")
+    for name in ("compose.cpu.yaml", "compose.tiny.yaml", "compose.secrets.yaml"):
+        shutil.copy(ROOT / name, files / name)
+    (files / "secrets").mkdir(mode=0o755)
+    for name, key in (("api_key", "compose-api-key"), ("admin_key", "compose-admin-key")):
+        (files / "secrets" / name).write_text(key + "\n")
+        (files / "secrets" / name).chmod(0o644)
     project = f"embed-test-{uuid.uuid4().hex[:8]}"
     env = {"EMBED_IMAGE": image, "MODELS_DIR": str(public_dir), "COMPOSE_PROJECT_NAME": project}
     env["EMBED_IDLE_SLEEP_S"] = "600"  # from the shell, as a user who shares the GPU sets it
-    args = [
-        "--project-directory",
-        str(files),
-        "-f",
-        str(files / "compose.yaml"),
-        "-f",
-        str(files / "compose.tiny.yaml"),
-    ]
-    args += ["-f", str(files / "compose.host.yaml")]
+    names = ["compose.yaml", "compose.cpu.yaml", "compose.tiny.yaml", "compose.secrets.yaml", "compose.host.yaml"]
+    args = ["--project-directory", str(files), *(arg for name in names for arg in ("-f", str(files / name)))]
     compose(*args, "up", "-d", "--no-build", env=env)
     try:
-        names = compose(*args, "ps", "-q", env=env).stdout.split()
-        assert len(names) == 2
-        for container in names:
+        containers_of = compose(*args, "ps", "-q", env=env).stdout.split()
+        assert len(containers_of) == 2
+        for container in containers_of:
             containers.wait_healthy(container)
+            assert (
+                containers.docker("inspect", "-f", "{{.HostConfig.ReadonlyRootfs}}", container).stdout.strip() == "true"
+            )
+            assert "compose-api-key" not in containers.docker("inspect", container).stdout
+        auth = {"Authorization": "Bearer compose-api-key"}
         for port in ports.values():
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["tiny"] is True
-            assert httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()["sleep"]["idle_sleep_s"] == 600
-            # no EMBED_API_KEY set: none is passed (not an empty one), so no key is asked for
-            embedded = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a cat"}, timeout=60)
+            info = httpx.get(f"http://127.0.0.1:{port}/info", headers=auth, timeout=30).json()
+            assert info["sleep"]["idle_sleep_s"] == 600
+            assert httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a"}, timeout=60).status_code == 401
+            embedded = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a"}, headers=auth, timeout=60)
             assert embedded.status_code == 200, embedded.text
         networks = containers.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
         assert not [n for n in networks if n.startswith(project)]  # host networking only: no bridge was made

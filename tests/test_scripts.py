@@ -5,9 +5,13 @@ Every run uses its own free ports and log directory, so it never touches service
 
 from __future__ import annotations
 
+import http.server
+import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,3 +149,57 @@ def test_log_file_is_rotated_with_a_size_cap(tmp_path: Path) -> None:
     assert files == ["svc.log", *(f"svc.log.{n}" for n in range(1, 6))]  # the live file and 5 old ones, no more
     assert all(path.stat().st_size <= 2000 for path in log_file.parent.iterdir())
     assert "INFO test: request 499 " in log_file.read_text()  # timestamped lines, newest in the live file
+
+
+class ImpostorHealth(http.server.BaseHTTPRequestHandler):
+    """Another program on the service's port that answers /health as a service would."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"status": "ok", "model": "impostor", "version": "1.0", "dimension": 1, "device": "cpu"})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_ready_means_this_launchs_process_answers(scripts: Scripts) -> None:
+    """Another program takes the port while the service loads (after start_all.sh found it free): the service cannot
+    listen and exits, and the other program answers /health. That is a failure naming the program on the port (this
+    test's own process), never "ready"."""
+    port = scripts.ports["siglip2"]
+    launch = subprocess.Popen(
+        [str(ROOT / "start_all.sh"), "--tiny", "siglip2"],
+        env=scripts.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (scripts.log_dir / "siglip2.pid").exists():  # the service is starting (it listens once loaded)
+        assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()
+        time.sleep(0.01)
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", port), ImpostorHealth)
+    thread = threading.Thread(target=impostor.serve_forever, daemon=True)
+    thread.start()
+    try:
+        stdout, stderr = launch.communicate(timeout=180)
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    assert launch.returncode != 0, stdout + stderr
+    assert "siglip2: ready" not in stdout
+    assert "siglip2: FAILED" in stderr and f"pid={os.getpid()}" in stderr, stderr
+
+
+def test_a_port_in_use_names_the_process_that_holds_it(scripts: Scripts) -> None:
+    port = scripts.ports["qwen3"]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        result = scripts.run("start_all.sh", "--tiny", "qwen3")
+    assert result.returncode == 1
+    assert f"port {port} is already in use by" in result.stderr and f"pid={os.getpid()}" in result.stderr

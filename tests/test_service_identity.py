@@ -95,6 +95,7 @@ def test_health_is_typed_in_the_openapi_schema(any_client: TestClient) -> None:
         "tiny",
         "fingerprint",
         "state",
+        "instance",
     } == set(health)
 
 

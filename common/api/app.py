@@ -183,6 +183,7 @@ class Health(BaseModel):
     tiny: bool = Field(description="true for the tiny random-weight test models: their vectors are meaningless")
     fingerprint: str = Field(description="of the model's weights: the same weights in any folder have the same one")
     state: ResidencyState = Field(description="where the weights are: awake, asleep, waking or held (200 in all four)")
+    instance: str | None = Field(None, description="the instance_id the launcher gave this process, if any")
 
 
 class HealthState(BaseModel):
@@ -223,8 +224,9 @@ async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONRespon
         tiny=model.tiny,
         fingerprint=model.fingerprint,
         state=model.residency.state,
+        instance=runtime.settings.instance_id,
     )
-    return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(exclude_none=True))
 
 
 @service_router.get("/metrics", response_class=PlainTextResponse)
