@@ -149,32 +149,15 @@ class ImageEmbedder:
         return {"path": batch["path"], "vector": vectors, "error": errors}
 
     def embed(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
-        """Raw vectors and an error per image ("" when fine), as the service's batcher does it: a batch that runs out
-        of device memory is split in halves (a retry at the same size would fail again), an image that does not fit
+        """Raw vectors and an error per image ("" when fine) under the services' failure policy
+        (``common.failures``): a batch that runs out of device memory is split in halves, an image that does not fit
         even alone is that row's error, and so is a vector with NaN or infinity (never a row of the index)."""
-        from common.device_memory import empty_device_cache, is_out_of_memory
+        from common.failures import run_in_halves
 
-        out_of_memory = ""
-        try:
-            vectors = self.encoder.embed_images(pixels)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            out_of_memory = f"{type(exc).__name__}: {exc}"  # only text: no reference to the error
-        if out_of_memory:
-            # Outside the except block: its traceback holds the failed pass's activations until the block ends.
-            empty_device_cache(self.encoder.device)
-            if len(pixels) == 1:
-                message = f"out_of_memory: the image does not fit in device memory even alone ({out_of_memory})"
-                return np.zeros((1, self.encoder.dimension), np.float32), [message]
-            half = len(pixels) // 2
-            first, first_errors = self.embed(pixels[:half])
-            second, second_errors = self.embed(pixels[half:])
-            return np.concatenate([first, second]), first_errors + second_errors
-        finite = np.isfinite(vectors).all(axis=1)
-        vectors[~finite] = 0.0
-        overflow = "non_finite_vector: the model produced NaN or infinite values for this image"
-        return vectors, ["" if fine else overflow for fine in finite]
+        outputs, errors = run_in_halves(self.encoder.embed_images, pixels, self.encoder.device)
+        zero = np.zeros(self.encoder.dimension, np.float32)
+        vectors = np.stack([zero if output is None else output for output in outputs])
+        return vectors, ["" if error is None else f"{error.code}: {error.message}" for error in errors]
 
 
 def dataset_location(source: Source, file: SourceFile) -> str | bytes:

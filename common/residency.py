@@ -31,10 +31,9 @@ from typing import Generic, Literal, Protocol, TypeVar, get_args
 import torch
 from pydantic import BaseModel
 
-from common.device_memory import empty_device_cache
 from common.errors import Asleep, EmbedError, ModelChanged, NotReady, OutOfMemory, RequestTimeout
 from common.identity import weights_fingerprint
-from common.memory import collect_and_release
+from common.memory import free_released_memory
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +129,6 @@ def offload_to_host(module: torch.nn.Module, pin: bool) -> None:
         module._apply(lambda tensor: tensor.to("cpu").pin_memory())
     else:
         module.to("cpu")
-
-
-def free_released_memory(device: torch.device) -> None:
-    """Give what the released weights held back: device memory to the driver (the caching allocator keeps it for
-    this process otherwise) and host memory to the system (glibc keeps it otherwise)."""
-    collect_and_release()
-    empty_device_cache(device)
 
 
 @dataclass(frozen=True)

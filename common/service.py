@@ -16,15 +16,14 @@ import torch
 from common.batching import MicroBatcher, RowsFailed
 from common.config import Modality, ServiceSettings, limit_hint
 from common.contract import EncodedImage, ModelInfo
-from common.device_memory import BatchOutOfMemory, empty_device_cache, is_out_of_memory
 from common.errors import (
     InvalidRequestBody,
-    NonFiniteVector,
     OutOfMemory,
     PayloadTooLarge,
     TooManyItems,
     UnsupportedInput,
 )
+from common.failures import BatchOutOfMemory, run_pass
 from common.loading import has_random_weights
 from common.residency import Releasable, Residency, pick_sleep_mode
 from embed_client.formats import is_image_data_uri
@@ -111,37 +110,23 @@ class BatchedService:
     def _guarded(
         self, run_batch: Callable[[list[In]], Sequence[Out] | np.ndarray]
     ) -> Callable[[list[In]], Sequence[Out] | np.ndarray]:
-        """Out-of-memory -> free the cache and let the batcher split the batch; a lone item that still does not fit
-        is a 503. Repeated failures of lone items mean a broken device, not a bad input. A vector with NaN or
-        infinity is never returned: its item fails with 500, and the rest of the batch is served (``RowsFailed``)."""
+        """``run_batch`` under the shared failure policy (``common.failures.run_pass``: out of memory, NaN rows),
+        and repeated failures of lone items seen as a broken device, not a bad input."""
 
         def run(items: list[In]) -> Sequence[Out] | np.ndarray:
-            out_of_memory = ""
             try:
-                result = run_batch(items)
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    if len(items) == 1:
-                        self._failures_in_a_row += 1
-                        if self._failures_in_a_row >= FAILURES_BEFORE_UNHEALTHY and self.healthy:
-                            logger.error(
-                                "%d forward passes failed in a row: marking the service unhealthy",
-                                self._failures_in_a_row,
-                            )
-                            self.healthy = False
-                    raise
-                out_of_memory = f"{type(exc).__name__}: {exc}"  # only text: no reference to the error
-            if out_of_memory:
-                # Outside the except block: there the error's traceback would keep the failed forward pass's frames
-                # and their activations alive, and emptying the cache could not give their memory back.
-                empty_device_cache(self.text_encoder.device)
+                result = run_pass(run_batch, items, self.text_encoder.device)
+            except (BatchOutOfMemory, OutOfMemory, RowsFailed):
+                raise
+            except Exception:
                 if len(items) == 1:
-                    logger.warning("one item does not fit in device memory even alone (%s)", out_of_memory)
-                    raise OutOfMemory("one item does not fit in device memory; try a smaller input")
-                raise BatchOutOfMemory(f"a batch of {len(items)} did not fit in device memory ({out_of_memory})")
-            non_finite = non_finite_rows(result, len(items))
-            if non_finite:
-                raise RowsFailed(result, non_finite)
+                    self._failures_in_a_row += 1
+                    if self._failures_in_a_row >= FAILURES_BEFORE_UNHEALTHY and self.healthy:
+                        logger.error(
+                            "%d forward passes failed in a row: marking the service unhealthy", self._failures_in_a_row
+                        )
+                        self.healthy = False
+                raise
             self._failures_in_a_row = 0
             return result
 
@@ -279,35 +264,6 @@ class BatchedService:
             raise UnsupportedInput(
                 f"this service ({self.model_name}) embeds text only; send images to an image service"
             )
-
-
-def non_finite_rows(result: Sequence[Any] | np.ndarray, count: int) -> dict[int, NonFiniteVector]:
-    """A NonFiniteVector for each row of a batch's results (a matrix of vectors, or a list of arrays or tensors)
-    that has NaN or infinity (a numerical overflow in the model): such a row must never reach a client or an index.
-    Rows are computed independently, so only the inputs that overflow fail, each with its own request."""
-    if isinstance(result, np.ndarray):
-        if result.dtype.kind != "f":
-            return {}
-        bad = [int(row) for row in np.flatnonzero(~np.isfinite(result.reshape(count, -1)).all(axis=1))]
-    else:
-        bad = [row for row, value in enumerate(result) if not _all_finite(value)]
-    if bad:
-        logger.error("the model returned NaN or infinity in %d of %d results", len(bad), count)
-    return {
-        row: NonFiniteVector(
-            "the model produced NaN or infinite values for this input (a numerical overflow in the model, not a "
-            "fault of the request); no result was returned"
-        )
-        for row in bad
-    }
-
-
-def _all_finite(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return not value.is_floating_point() or bool(torch.isfinite(value).all())
-    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-        return bool(np.isfinite(value).all())
-    return True
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

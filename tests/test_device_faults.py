@@ -159,7 +159,7 @@ def test_the_out_of_memory_error_holds_nothing_of_the_failed_pass(
     service, activations = _hooked_text_service(tiny_zimage)
     alive_when_emptied: list[int] = []
     monkeypatch.setattr(
-        "common.service.empty_device_cache",
+        "common.failures.empty_device_cache",
         lambda device: alive_when_emptied.append(sum(ref() is not None for ref in activations)),
     )
     guarded: Callable[[list[str]], Any] = service._guarded(service.text_encoder.embed_texts)
