@@ -82,8 +82,12 @@ class SwappableWeights(Generic[ModuleT]):
     device: torch.device
     model: ModuleT
     fingerprint: str  # of the weight folders, when the model was loaded at start (common.identity)
+    compile_model: bool  # torch.compile'd: a model loaded anew compiles its graphs in warm_up, not on a request
 
     def load_model(self) -> ModuleT:
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
         raise NotImplementedError
 
     def weight_folders(self) -> list[Path]:
@@ -120,6 +124,8 @@ class SwappableWeights(Generic[ModuleT]):
         else:
             self.check_unchanged()
             self.model = self.load_model()
+            if self.compile_model:
+                self.warm_up()
 
 
 def offload_to_host(module: torch.nn.Module, pin: bool) -> None:
@@ -165,6 +171,7 @@ class Residency:
         self.wakes = 0
         self._resident: Literal["awake", "asleep", "waking"] = "awake"
         self._held = False
+        self._stopped = False  # no idle sleeps once the service stops
         self._admitted = 0  # requests past the gate: their work may be queued for the model or on it
         self._waiting = 0  # requests at the gate, waiting for a sleep to end or a wake
         self._transition = asyncio.Lock()  # one sleep or wake at a time
@@ -199,7 +206,7 @@ class Residency:
     async def stop(self) -> None:
         """No more idle sleeps; a sleep or wake under way finishes (it runs on the model's thread, which the
         service's stop waits for anyway)."""
-        self.idle_sleep_s = 0.0
+        self._stopped = True
         self._cancel_idle_timer()
         pending = [task for task in (self._wake_task, self._sleep_task, self._idle_task) if task is not None]
         await asyncio.gather(*pending, return_exceptions=True)
@@ -403,7 +410,7 @@ class Residency:
     def _arm_idle_timer(self) -> None:
         """(Re)start the countdown to an idle sleep, if nothing is waiting or running."""
         self._cancel_idle_timer()
-        if self.idle_sleep_s > 0 and self._loop is not None and self._idle():
+        if self.idle_sleep_s > 0 and not self._stopped and self._loop is not None and self._idle():
             self._idle_timer = self._loop.call_later(self.idle_sleep_s, self._idle_timeout)
 
     def _cancel_idle_timer(self) -> None:

@@ -105,3 +105,16 @@ def test_torch_compile_compiles_only_at_start_up(tiny_siglip: Path, tiny_zimage:
         text_encoder.embed_texts(["the sea"] * count)
         text_encoder.embed_texts(["a red tree " * (i + 1) for i in range(count)])
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_no_request_after_a_wake_that_reloads_a_compiled_model_compiles(tiny_zimage: Path) -> None:
+    """``unload`` builds the model anew on a wake: with --compile, no request after it waits for a compile (torch
+    2.13 reuses the graphs it compiled for the model's class; the wake's own warm-up would compile them if not)."""
+    encoder = Qwen3Encoder(str(tiny_zimage), CPU, torch.float32, compile_model=True, compile_backend="eager")
+    encoder.warm_up()
+    encoder.release_weights("unload")
+    encoder.restore_weights("unload")
+    graphs = counters["stats"]["unique_graphs"]
+    for count in range(1, 5):
+        encoder.embed_texts(["a red tree " * (i + 1) for i in range(count)])
+    assert counters["stats"]["unique_graphs"] == graphs
