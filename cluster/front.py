@@ -61,11 +61,11 @@ from yarl import URL
 
 from cluster.serve import SERVICE_MODULES, service_definition, settings_from_args
 from common.api.app import UNPROTECTED_PATHS, body_paths, request_checks, route_paths, service_routers
-from common.api.middleware import AccessLog, ReleaseMemoryAfterLargeBodies, app_path, send_error
+from common.api.middleware import AccessLog, ReleaseMemoryAfterLargeBodies, app_path, is_loopback, send_error
 from common.config import ServiceSettings
 from common.errors import EmbedError, NotFound, NotReady
 from common.metrics import Metrics
-from common.server import configure_logging, is_loopback, limited_server
+from common.server import configure_logging, limited_server
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ the model fails to load."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import logging.handlers
 import math
@@ -27,6 +26,7 @@ from starlette.types import ASGIApp
 
 from common.api import admin_routes, image_routes, text_routes
 from common.api.app import Runtime, create_app
+from common.api.middleware import is_loopback
 from common.config import ServiceSettings, SettingsT, load_settings
 from common.contract import EmbeddingModel
 from common.http_protocol import ConnectionLimits, protocol_class
@@ -154,15 +154,6 @@ DEFAULT_SIGLIP_TEXT_IDS = re.compile(
 
 def not_about_default_siglip_text_config(record: logging.LogRecord) -> bool:
     return DEFAULT_SIGLIP_TEXT_IDS.search(record.getMessage()) is None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class EmbedServer(uvicorn.Server):

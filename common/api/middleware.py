@@ -299,9 +299,14 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-def _is_loopback_address(address: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A name or address that only this machine can mean: localhost, ``*.localhost`` or a loopback address. The one
+    test for a bind address, a peer and a Host name."""
+    name = host.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
     try:
-        return ipaddress.ip_address(address).is_loopback
+        return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
 
@@ -315,17 +320,10 @@ def host_allowed(name: str, patterns: Collection[str]) -> bool:
     return False
 
 
-def names_this_machine(name: str) -> bool:
-    """localhost, or a loopback address."""
-    name = name.rstrip(".")
-    return name == "localhost" or name.endswith(".localhost") or _is_loopback_address(name)
-
-
 def loopback_name(name: str) -> bool:
     """Names only this machine can mean. An IP address in the Host header is safe too: a page can only make a
     browser send it by connecting to that very address."""
-    name = name.rstrip(".")
-    return name == "localhost" or name.endswith(".localhost") or _is_ip(name) or name == ""
+    return is_loopback(name) or _is_ip(name) or name == ""
 
 
 class RequestGuard(HTTPMiddleware):
@@ -413,9 +411,9 @@ class RequestGuard(HTTPMiddleware):
             if host_allowed(name, self.allowed_hosts):
                 return True
             client = scope.get("client")
-            return client is not None and _is_loopback_address(str(client[0])) and names_this_machine(name)
+            return client is not None and is_loopback(str(client[0])) and is_loopback(name)
         server = scope.get("server")
-        if server and _is_loopback_address(str(server[0])):
+        if server and is_loopback(str(server[0])):
             return loopback_name(name)
         return True  # bound elsewhere without allowed_hosts: the README says to set it (and an API key)
 
