@@ -85,79 +85,93 @@ def scan_folder(root: Path, follow_links: bool = False) -> Scan:
     entered; their images are found where they are). A link out of ``root`` is listed and not followed unless
     ``follow_links``; then folders are entered once each (no loops). Folders that cannot be listed are listed.
     Files that vanish while scanning are left out."""
-    scan = Scan()
-    top = os.fspath(root)
-    real_top = os.path.realpath(top)
+    walk = _Walk(os.fspath(root), follow_links)
+    for folder, dirs, names in os.walk(walk.top, onerror=walk.folder_error, followlinks=follow_links):
+        walk.visit(folder)
+        dirs[:] = [name for name in sorted(dirs) if walk.enters(os.path.join(folder, name))]
+        for name in sorted(names):
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                walk.take(os.path.join(folder, name))
+    return walk.scan
 
-    def rel_of(path: str) -> str:
-        rel = os.path.relpath(path, top)
+
+class _Walk:
+    """The state of one ``scan_folder``: what was found, and the folders already entered."""
+
+    def __init__(self, top: str, follow_links: bool) -> None:
+        self.top = top
+        self.real_top = os.path.realpath(top)
+        self.follow_links = follow_links
+        self.scan = Scan()
+        self.visited: set[tuple[int, int]] = set()
+
+    def rel_of(self, path: str) -> str:
+        rel = os.path.relpath(path, self.top)
         return "" if rel == "." else rel.replace(os.sep, "/")
 
-    def inside(path: str) -> bool:
+    def inside(self, path: str) -> bool:
         real = os.path.realpath(path)
-        return real == real_top or real.startswith(real_top.rstrip("/") + "/")
+        return real == self.real_top or real.startswith(self.real_top.rstrip("/") + "/")
 
-    def not_followed(path: str, shown: str) -> None:
+    def not_followed(self, path: str, shown: str) -> None:
         try:
             target = shown_path(os.readlink(path))
         except OSError:
             target = "?"
-        scan.problems.append((shown, f"a link out of the folder (to {target}); not followed (--follow-links does)"))
+        self.scan.problems.append(
+            (shown, f"a link out of the folder (to {target}); not followed (--follow-links does)")
+        )
 
-    def folder_error(error: OSError) -> None:
-        rel = rel_of(os.fsdecode(error.filename)) if error.filename is not None else ""
-        scan.unreadable_folders.append(rel)
-        scan.problems.append((shown_path(rel or ".") + "/", f"cannot read the folder: {error.strerror or error}"))
+    def folder_error(self, error: OSError) -> None:
+        rel = self.rel_of(os.fsdecode(error.filename)) if error.filename is not None else ""
+        self.scan.unreadable_folders.append(rel)
+        self.scan.problems.append((shown_path(rel or ".") + "/", f"cannot read the folder: {error.strerror or error}"))
 
-    visited: set[tuple[int, int]] = set()
-    for folder, dirs, names in os.walk(top, onerror=folder_error, followlinks=follow_links):
+    def visit(self, folder: str) -> None:
         try:
             here = os.stat(folder)
-            visited.add((here.st_dev, here.st_ino))
+            self.visited.add((here.st_dev, here.st_ino))
         except OSError:
             pass
-        entered = []
-        for name in sorted(dirs):
-            path = os.path.join(folder, name)
-            if os.path.islink(path):
-                if inside(path):
-                    continue  # its images are found under their own path
-                if not follow_links:
-                    not_followed(path, shown_path(rel_of(path)) + "/")
-                    continue
-            try:
-                there = os.stat(path)
-            except OSError:
-                continue
-            if (there.st_dev, there.st_ino) not in visited:  # a loop, or a folder already seen through a link
-                entered.append(name)
-        dirs[:] = entered
-        for name in sorted(names):
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = os.path.join(folder, name)
-            rel = rel_of(path)
-            try:
-                info = os.lstat(path)
-                if stat.S_ISLNK(info.st_mode):
-                    if not follow_links and not inside(path):
-                        not_followed(path, shown_path(rel))
-                        continue
-                    try:
-                        info = os.stat(path)
-                    except FileNotFoundError:
-                        scan.problems.append((shown_path(rel), f"a broken link (to {shown_path(os.readlink(path))})"))
-                        continue
-            except FileNotFoundError:
-                continue  # deleted while scanning
-            except OSError as exc:
-                scan.problems.append((shown_path(rel), f"cannot read the file: {exc.strerror or exc}"))
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                scan.problems.append((shown_path(rel), not_regular_reason(info.st_mode)))
-                continue
-            scan.photos.append(PhotoFile(rel, Path(path), info.st_size, info.st_mtime))
-    return scan
+
+    def enters(self, path: str) -> bool:
+        """Whether the walk goes into the subfolder ``path``: not a link inside the top (its images are found under
+        their own path), a link out of it only when following links, and no folder twice (loops)."""
+        if os.path.islink(path):
+            if self.inside(path):
+                return False
+            if not self.follow_links:
+                self.not_followed(path, shown_path(self.rel_of(path)) + "/")
+                return False
+        try:
+            there = os.stat(path)
+        except OSError:
+            return False
+        return (there.st_dev, there.st_ino) not in self.visited
+
+    def take(self, path: str) -> None:
+        """An image file (by its extension): taken if it is a regular file, else listed with why not."""
+        rel = self.rel_of(path)
+        try:
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                if not self.follow_links and not self.inside(path):
+                    self.not_followed(path, shown_path(rel))
+                    return
+                try:
+                    info = os.stat(path)
+                except FileNotFoundError:
+                    self.scan.problems.append((shown_path(rel), f"a broken link (to {shown_path(os.readlink(path))})"))
+                    return
+        except FileNotFoundError:
+            return  # deleted while scanning
+        except OSError as exc:
+            self.scan.problems.append((shown_path(rel), f"cannot read the file: {exc.strerror or exc}"))
+            return
+        if not stat.S_ISREG(info.st_mode):
+            self.scan.problems.append((shown_path(rel), not_regular_reason(info.st_mode)))
+            return
+        self.scan.photos.append(PhotoFile(rel, Path(path), info.st_size, info.st_mtime))
 
 
 def scan_photos(root: Path, follow_links: bool = False) -> list[PhotoFile]:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from embed_client.client import EmbedClient, EmbedClientError, ServiceError, ServiceUnreachable
 from embed_client.files import (
     PhotoFile,
+    Scan,
     read_or_reason,
     rel_of_row,
     scan_folder,
@@ -409,8 +410,7 @@ def index_folder(
     warn: Callable[[str], None] | None = None,
 ) -> IndexSummary:
     """Embed every image under ``photo_dir`` not yet in ``out`` (same path, size and mtime; same weights and version)
-    and
-    write ``out`` anew. Finished work is checkpointed to ``OUT.parts/`` every ``checkpoint_rows`` rows or
+    and write ``out`` anew. Finished work is checkpointed to ``OUT.parts/`` every ``checkpoint_rows`` rows or
     ``checkpoint_s`` seconds and on any interruption, so a rerun resumes. ``on_progress(images_done)`` is called
     after each chunk (tests use it to interrupt a run).
 
@@ -418,52 +418,67 @@ def index_folder(
     checkpoints of other weights, version or dimension unless ``reindex`` (``IndexMismatch``; ``reindex`` embeds
     every image again and replaces the output), an output another run is writing (``OutputLocked``).
     ``warn(message)`` (default: the log) hears that the service runs a tiny random-weight model."""
-    info = client.info(refresh=True)
-    if info.get("status") != "ok":
-        raise ServiceUnreachable(f"{client.url} is not ready (status {info.get('status')!r})")
-    client.require("image", point="--url")
-    model, version, dimension = str(info["model"]), str(info["version"]), int(info["dimension"])
-    if info.get("tiny"):
-        (warn or logger.warning)(
-            f"{client.url} serves {model}, a TINY model with RANDOM WEIGHTS (for tests): its vectors are "
-            "meaningless, and so is any search on this index. Start the service with the real model to index."
-        )
+    info = _image_service_info(client, warn or logger.warning)
     limit = max_image_bytes(info)
     # Resolved: a link to the output is written through (never replaced by a file) and locks the same output.
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked_output(out):
-        fingerprint = info.get("fingerprint")  # None from a service older than fingerprints
         index = ParquetIndex(
-            out, model, version, dimension, fingerprint=fingerprint, reindex=reindex, source=client.url
+            out,
+            str(info["model"]),
+            str(info["version"]),
+            int(info["dimension"]),
+            fingerprint=info.get("fingerprint"),  # None from a service older than fingerprints
+            reindex=reindex,
+            source=client.url,
         )
         index.check()  # before the scan: a refusal should not wait for a large folder to be listed
         scan = scan_folder(photo_dir, follow_links)
-        photos = scan.photos
-        done, stale = index.current_rows(photos, scan.unreadable_folders)
-        done_paths = set(
-            rel_of_row(path, raw)
-            for path, raw in zip(done.column("path").to_pylist(), done.column("path_bytes").to_pylist(), strict=True)
-        )
-        del done  # only the paths are needed now; merge() reads the vectors again
-        todo = [photo for photo in photos if photo.rel not in done_paths]
-        failed = [*scan.problems, *((p.shown, too_large_reason(p.size, limit)) for p in todo if p.size > limit)]
-        todo = [photo for photo in todo if photo.size <= limit]
-        summary = IndexSummary(
-            files=len(photos),
-            skipped=sum(1 for photo in photos if photo.rel in done_paths),
-            removed=stale,
-            replaced=index.replaced,
-            failed=failed,
-        )
+        todo, summary = _plan(index, scan, limit)
         # One forward pass per request by default: with `concurrency` requests in flight the server's batcher stays
         # full, and a failed request (one corrupt file) costs little to redo image by image.
         size = max(1, min(chunk_size or client.max_batch_size, client.max_items_per_request))
         chunks = [todo[start : start + size] for start in range(0, len(todo), size)]
         runner = _ChunkRunner(client, index, summary, limit, checkpoint_rows, checkpoint_s, on_progress)
         runner.run(chunks, concurrency, progress)
-        index.merge(photos, scan.unreadable_folders)
+        index.merge(scan.photos, scan.unreadable_folders)
     return summary
+
+
+def _image_service_info(client: EmbedClient, warn: Callable[[str], None]) -> dict[str, Any]:
+    """The service's /info, once it is ready and known to embed images; a tiny model is warned about."""
+    info = client.info(refresh=True)
+    if info.get("status") != "ok":
+        raise ServiceUnreachable(f"{client.url} is not ready (status {info.get('status')!r})")
+    client.require("image", point="--url")
+    if info.get("tiny"):
+        warn(
+            f"{client.url} serves {info['model']}, a TINY model with RANDOM WEIGHTS (for tests): its vectors are "
+            "meaningless, and so is any search on this index. Start the service with the real model to index."
+        )
+    return info
+
+
+def _plan(index: ParquetIndex, scan: Scan, limit: int) -> tuple[list[PhotoFile], IndexSummary]:
+    """The photos to embed (not indexed yet, not larger than the service takes), and the summary so far."""
+    photos = scan.photos
+    done, stale = index.current_rows(photos, scan.unreadable_folders)
+    done_paths = set(
+        rel_of_row(path, raw)
+        for path, raw in zip(done.column("path").to_pylist(), done.column("path_bytes").to_pylist(), strict=True)
+    )
+    del done  # only the paths are needed now; merge() reads the vectors again
+    todo = [photo for photo in photos if photo.rel not in done_paths]
+    failed = [*scan.problems, *((p.shown, too_large_reason(p.size, limit)) for p in todo if p.size > limit)]
+    summary = IndexSummary(
+        files=len(photos),
+        skipped=len(photos) - len(todo),
+        removed=stale,
+        replaced=index.replaced,
+        failed=failed,
+    )
+    return [photo for photo in todo if photo.size <= limit], summary
 
 
 @dataclass
