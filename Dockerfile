@@ -48,13 +48,13 @@ WORKDIR /app
 COPY common/ common/
 # The services import embed_client.formats: the accepted image formats, which the client shares.
 COPY embed_client/ embed_client/
-COPY scripts/container_entrypoint.py scripts/container_health.py scripts/
+COPY scripts/__init__.py scripts/container_entrypoint.py scripts/container_health.py scripts/local_http.py scripts/
 COPY siglip2_embed.py qwen3_embed.py ./
 USER 10001:10001
 EXPOSE 6010 6011
 # Healthy only while GET /health answers 200; the start period covers a first start that downloads a model.
 HEALTHCHECK --interval=5s --timeout=5s --start-period=900s --retries=3 \
-    CMD ["/opt/venv/bin/python3", "/app/scripts/container_health.py"]
+    CMD ["/opt/venv/bin/python3", "-m", "scripts.container_health"]
 # The service drains on SIGTERM (up to 30 s): docker stop needs --time 40 (compose.yaml sets stop_grace_period).
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/opt/venv/bin/python3", "/app/scripts/container_entrypoint.py"]
+ENTRYPOINT ["/opt/venv/bin/python3", "-m", "scripts.container_entrypoint"]

@@ -31,6 +31,7 @@ from common.loading import describe_device, display_name, explain_broken_weights
 from common.residency import SwappableWeights
 from common.server import ServiceDefinition
 from common.service import BatchedService
+from common.services import SERVICES
 
 if TYPE_CHECKING:
     from transformers import Qwen3Model
@@ -72,14 +73,14 @@ class Qwen3Recipe:
 
 
 class Qwen3Settings(ServiceSettings):
-    service_env_prefix: ClassVar[str] = "QWEN3_"
+    service_env_prefix: ClassVar[str] = SERVICES["qwen3"].env_prefix
 
     model: str = Field(
         default_factory=lambda: default_model(LOCAL_PATH, HUB_ID),
         description="Z-Image-Turbo folder (text_encoder/ + tokenizer/), a plain Qwen3 folder, or a hub id "
         f"(default: {LOCAL_PATH} if that folder exists, else {HUB_ID})",
     )
-    port: int = Field(6011, ge=1, le=65535, description="TCP port")
+    port: int = Field(SERVICES["qwen3"].port, ge=1, le=65535, description="TCP port")
     layer: int = Field(Qwen3Recipe.layer, description="hidden_states index: -2 = penultimate layer, -1 = final output")
     pooling: Pooling = Field(
         Qwen3Recipe.pooling,

@@ -37,6 +37,7 @@ from common.loading import (
 from common.residency import SwappableWeights
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
+from common.services import SERVICES
 
 if TYPE_CHECKING:
     from transformers import SiglipModel
@@ -52,13 +53,13 @@ DOWNLOAD_HELP = (
 
 
 class Siglip2Settings(ImageLimits, ServiceSettings):
-    service_env_prefix: ClassVar[str] = "SIGLIP2_"
+    service_env_prefix: ClassVar[str] = SERVICES["siglip2"].env_prefix
 
     model: str = Field(
         default_factory=lambda: default_model(LOCAL_PATH, HUB_ID),
         description=f"SigLIP checkpoint folder or hub id (default: {LOCAL_PATH} if that folder exists, else {HUB_ID})",
     )
-    port: int = Field(6010, ge=1, le=65535, description="TCP port")
+    port: int = Field(SERVICES["siglip2"].port, ge=1, le=65535, description="TCP port")
 
 
 class Siglip2Encoder(SwappableWeights["SiglipModel"]):

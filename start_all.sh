@@ -27,25 +27,18 @@ for arg in "$@"; do
     *) services+=("$(check_service "$arg")") ;;
   esac
 done
-[ ${#services[@]} -gt 0 ] || services=(siglip2 qwen3)
+[ ${#services[@]} -gt 0 ] || services=("${SERVICE_NAMES[@]}")
 
 scripts/ensure_venv.sh requirements.txt
 mkdir -p "$LOG_DIR"
 
-port_of() {
-  case $1 in
-    siglip2) echo "${SIGLIP2_PORT:-6010}" ;;
-    qwen3) echo "${QWEN3_PORT:-6011}" ;;
-  esac
-}
+# The port of service $1: SIGLIP2_PORT, else EMBED_PORT, else its default (the registry reads them as the service).
+port_of() { service_value PORT "$1"; }
 
 # Where to reach service $1 from this machine (a wildcard bind address is reached over loopback).
 url_of() {
   local host
-  case $1 in
-    siglip2) host=${SIGLIP2_HOST:-${EMBED_HOST:-127.0.0.1}} ;;
-    qwen3) host=${QWEN3_HOST:-${EMBED_HOST:-127.0.0.1}} ;;
-  esac
+  host=$(service_value HOST "$1")
   case $host in
     0.0.0.0 | "::" | "") host=127.0.0.1 ;;
     *:*) host="[$host]" ;;
@@ -95,7 +88,7 @@ start_service() {
   local size=0
   if [ -f "$LOG_DIR/$name.log" ]; then size=$(wc -c < "$LOG_DIR/$name.log"); fi
   printf -v "log_start_$name" %s "$((size))"
-  nohup "$VENV/bin/python" "${name}_embed.py" --port "$port" --log-file "$LOG_DIR/$name.log" --instance-id "$instance" \
+  nohup "$VENV/bin/python" "$(service_value SCRIPT "$name")" --port "$port" --log-file "$LOG_DIR/$name.log" --instance-id "$instance" \
     > "$LOG_DIR/$name.console.log" 2>&1 < /dev/null &
   echo $! > "$(pid_file "$name")"
 }
@@ -114,22 +107,7 @@ port_holder() {
 
 # One line "model=... device=..." once $1/health answers 200 from the process given the instance id $2; exit 1
 # while nothing answers, 3 when another program answers there.
-health() {
-  "$VENV/bin/python" - "$1" "$2" << 'PY'
-import json, sys, urllib.request
-
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never send localhost to a proxy
-try:
-    with opener.open(sys.argv[1] + "/health", timeout=5) as response:
-        h = json.load(response)
-except Exception:
-    sys.exit(1)
-if h.get("instance") != sys.argv[2]:
-    sys.exit(3)
-tiny = "  TINY RANDOM WEIGHTS: meaningless vectors" if h.get("tiny") else ""
-sys.stdout.write(f"model={h['model']} version={h['version']} dimension={h['dimension']} device={h['device']}{tiny}\n")
-PY
-}
+health() { "$VENV/bin/python" -m scripts.local_http health "$1" "$2"; }
 
 # Say why service $1 did not start ($2) and show the end of its logs: of its own log, only what this start wrote.
 report_failure() {
@@ -173,7 +151,9 @@ wait_ready() {
 
 if [ "$tiny" = 1 ]; then
   build_tiny_models
-  export SIGLIP2_MODEL="$tiny_dir/siglip" QWEN3_MODEL="$tiny_dir/zimage"
+  for name in "${SERVICE_NAMES[@]}"; do
+    export "$(service_value MODEL_VARIABLE "$name")=$tiny_dir/$(service_value TINY_FOLDER "$name")"
+  done
 fi
 
 failed=0

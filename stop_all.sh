@@ -16,7 +16,7 @@ for arg in "$@"; do
     *) services+=("$(check_service "$arg")") ;;
   esac
 done
-[ ${#services[@]} -gt 0 ] || services=(siglip2 qwen3)
+[ ${#services[@]} -gt 0 ] || services=("${SERVICE_NAMES[@]}")
 
 # Wait up to $3 seconds for PID $1 to stop being service $2.
 wait_gone() {

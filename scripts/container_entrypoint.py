@@ -1,4 +1,5 @@
-"""The container image's entry point (PID 1):  IMAGE siglip2|qwen3 [--tiny] [service flags].
+"""The container image's entry point (PID 1):  IMAGE siglip2|qwen3 [--tiny] [service flags]. Run as
+``python -m scripts.container_entrypoint`` from /app (the registry, common/services.py, is imported from there).
 
 The service runs as a child of this process, which forwards the stop signals to it and exits with its status.
 A process that is PID 1 ignores every signal it has no handler for, and the service installs its handlers only
@@ -20,23 +21,21 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-USAGE = """\
-usage: IMAGE siglip2 [--tiny] [flags]    SigLIP2 image + text embeddings, port 6010
-       IMAGE qwen3 [--tiny] [flags]      Qwen3 text embeddings, port 6011
+from common.services import SERVICES  # the registry: standard library only, no torch in PID 1
 
+USAGE = "".join(
+    f"{'usage:' if index == 0 else '      '} IMAGE {name} [--tiny] [flags]    port {service.port}\n"
+    for index, (name, service) in enumerate(SERVICES.items())
+) + (
+    """
   --tiny       tiny random-weight models built at start-up: meaningless vectors, only for trying the API
   flags        the service's own flags; IMAGE siglip2 --help lists them and their environment variables
 Models: mount their folder read-only at /models and name it (SIGLIP2_MODEL=/models/FOLDER, QWEN3_MODEL=...);
 a hub id downloads into HF_HOME=/hf-cache (mount a volume there).
 """
+)
 
 
-# service -> (its program, the variable naming its model, the common.tiny_models function that builds its tiny
-# model, its model's folder under the models mount: the name of the hub repository, as the download help has it)
-SERVICES = {
-    "siglip2": ("siglip2_embed.py", "SIGLIP2_MODEL", "build_tiny_siglip", "siglip2-so400m-patch16-512"),
-    "qwen3": ("qwen3_embed.py", "QWEN3_MODEL", "build_tiny_zimage", "Z-Image-Turbo"),
-}
 APP = Path(__file__).resolve().parents[1]
 TINY_DIR = Path("/tmp/tiny-models")
 # The service's stop signals (common.server.STOP_SIGNALS; not imported: that would load torch into PID 1).
@@ -71,7 +70,13 @@ def main(args: list[str]) -> int:
     if not args or args[0] not in SERVICES:
         sys.stderr.write(USAGE)
         return 0 if not args or args[0] in ("-h", "--help") else 2
-    program, model_variable, tiny_builder, mounted_name = SERVICES[args[0]]
+    service = SERVICES[args[0]]
+    program, model_variable, tiny_builder, mounted_name = (
+        service.script,
+        service.model_variable,
+        service.tiny_builder,
+        service.mounted_folder,
+    )
     flags = [flag for flag in args[1:] if flag != "--tiny"]
     env = dict(os.environ)
     for signum in FORWARDED:

@@ -11,24 +11,14 @@ vectors of another model, recipe or of the tiny test weights by accident.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
-import urllib.request
 from typing import Any
 
 from common.config import load_settings
 from common.server import ServiceDefinition
-
-
-def fetch_info(url: str, api_key: str | None) -> dict[str, Any]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never send localhost to a proxy
-    request = urllib.request.Request(url + "/info")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    with opener.open(request, timeout=10) as response:
-        body: dict[str, Any] = json.load(response)
-    return body
+from common.services import SERVICES
+from scripts.local_http import get_json
 
 
 def same_model(running: object, asked: object) -> bool:
@@ -44,12 +34,12 @@ def describe(identity: dict[str, Any]) -> str:
 
 
 def main(name: str, url: str) -> int:
-    service: ServiceDefinition[Any] = importlib.import_module(f"{name}_embed").SERVICE
+    service: ServiceDefinition[Any] = importlib.import_module(SERVICES[name].module).SERVICE
     settings = load_settings(service.settings_cls, [])
     asked = service.expected_identity(settings)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     try:
-        running = fetch_info(url, api_key)
+        running = get_json(url + "/info", api_key)
     except OSError as exc:
         sys.stderr.write(f"{name}: already running, but {url}/info does not answer ({exc}); ./stop_all.sh {name}\n")
         return 1

@@ -33,6 +33,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from common.services import SERVICES as REGISTRY
 from qwen3_embed import Qwen3Encoder, Qwen3Service, Qwen3Settings
 from qwen3_embed import build_app as build_text_app
 from siglip2_embed import Siglip2Encoder, Siglip2Service, Siglip2Settings
@@ -273,7 +274,7 @@ def assert_same_array(got: np.ndarray, expected: np.ndarray) -> None:
 # --- the shell scripts ----------------------------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = ("siglip2", "qwen3")
+SERVICES = tuple(REGISTRY)
 
 
 def cmdline(pid: int) -> str:

@@ -431,7 +431,7 @@ def test_compose_files_are_valid(docker_available: None, public_dir: Path) -> No
             assert service["restart"] == "unless-stopped"
             grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
             assert grace and int(grace.group(1)) > DRAIN_S
-            assert service["healthcheck"]["test"][-1] == "/app/scripts/container_health.py"
+            assert service["healthcheck"]["test"][-2:] == ["-m", "scripts.container_health"]
             assert service["environment"]["EMBED_API_KEY"] == "from-the-env"
             assert service["environment"]["EMBED_SLEEP_MODE"] == "unload"
     for machine in ("compose.override.yaml", "compose.cpu.yaml"):
