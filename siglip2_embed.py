@@ -31,6 +31,7 @@ from common.loading import (
     read_checkpoint_floats,
     read_config,
 )
+from common.precision import GIVEN_WITH_THE_ENCODER
 from common.residency import SwappableWeights
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
@@ -173,9 +174,20 @@ class Siglip2Encoder(SwappableWeights["SiglipModel"]):
 class Siglip2Service(BatchedService):
     """The loaded model behind the routes: a decoding pool, one batcher for images and one for texts."""
 
-    def __init__(self, settings: Siglip2Settings, encoder: Siglip2Encoder, device_label: str) -> None:
+    def __init__(
+        self,
+        settings: Siglip2Settings,
+        encoder: Siglip2Encoder,
+        device_label: str,
+        dtype_reason: str = GIVEN_WITH_THE_ENCODER,
+    ) -> None:
         super().__init__(
-            settings, encoder, model_name=display_name(settings.model), version=EMBEDDING_VERSION, device=device_label
+            settings,
+            encoder,
+            model_name=display_name(settings.model),
+            version=EMBEDDING_VERSION,  # the same space in every dtype: bfloat16 only rounds it
+            device=device_label,
+            dtype_reason=dtype_reason,
         )
         self.settings: Siglip2Settings = settings
         self.encoder = encoder
@@ -224,9 +236,9 @@ def load(settings: Siglip2Settings) -> Siglip2Service:
     """Resolve, load and warm up the model (runs in a thread at start-up)."""
     source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
     with explain_broken_weights(source, DOWNLOAD_HELP):
-        encoder = Siglip2Encoder(source, device, dtype, compile_model=settings.compile)
+        encoder = Siglip2Encoder(source, device, dtype.dtype, compile_model=settings.compile)
     encoder.warm_up()
-    return Siglip2Service(settings, encoder, describe_device(device))
+    return Siglip2Service(settings, encoder, describe_device(device), dtype.reason)
 
 
 SERVICE = ServiceDefinition(

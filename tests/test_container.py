@@ -352,6 +352,7 @@ def compose(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess
 
 def test_compose_file_is_valid(docker_available: None, public_dir: Path) -> None:
     env = {"MODELS_DIR": str(public_dir), "EMBED_API_KEY": "from-the-env", "EMBED_SLEEP_MODE": "unload"}
+    env["EMBED_DTYPE"] = "float32"
     config = yaml.safe_load(compose("-f", "compose.yaml", "config", env=env).stdout)
     for name, port in (("siglip2", 6010), ("qwen3", 6011)):
         service = config["services"][name]
@@ -366,6 +367,7 @@ def test_compose_file_is_valid(docker_available: None, public_dir: Path) -> None
         assert service["healthcheck"]["test"][-1] == "/app/scripts/container_health.py"
         assert service["environment"]["EMBED_API_KEY"] == "from-the-env"
         assert service["environment"]["EMBED_SLEEP_MODE"] == "unload"
+        assert service["environment"]["EMBED_DTYPE"] == "float32"
     tiny = yaml.safe_load(compose("-f", "compose.yaml", "-f", "compose.tiny.yaml", "config", env=env).stdout)
     assert tiny["services"]["siglip2"]["command"] == ["siglip2", "--tiny"]
     assert tiny["services"]["qwen3"]["command"] == ["qwen3", "--tiny"]
