@@ -4,9 +4,9 @@
 
 * CUDA: bfloat16 (float16 overflows to NaN in Qwen3's activations).
 * A CPU with bfloat16 instructions (x86: AVX-512 BF16 or AMX; Arm: the BF16 extension) and a torch with oneDNN,
-  whose kernels use them: bfloat16, about twice float32's speed. A CPU without them emulates bfloat16 (converting
-  every value to float32 and back), several times slower than float32 itself: it keeps float32. So does a CPU of
-  any other architecture, where torch reports no bfloat16 instructions.
+  whose kernels use them: bfloat16. A CPU without them emulates bfloat16 (its values converted to float32 and
+  back), 5 to 7 times slower than float32 itself through the services (bench/RESULTS.md): it keeps float32. So
+  does a CPU of any other architecture, where torch reports no bfloat16 instructions.
 * MPS: float32 (bfloat16 there is not measured).
 
 The CPU's instructions are what ``torch.cpu.get_capabilities()`` reports (cpuinfo's reading of the CPU, the same

@@ -162,12 +162,12 @@ def test_the_suite_runs_in_float32(image_client: TestClient) -> None:
 
 # --- bfloat16 against float32 on every route, on the tiny models ------------------------------------------------
 
-# What the tiny random models give here (hidden size 32: few values to average the rounding over, so noisier than
-# the full-size models, whose figures are in bench/RESULTS.md): images >= 0.99990, SigLIP texts >= 0.99996,
-# Qwen3 texts >= 0.99998, token states >= 0.99996, /similarity probabilities within 1.8e-3. The bounds leave room
-# for another CPU's kernels, which round differently.
+# What the tiny random models give here, on these inputs (hidden size 32: few values to average the rounding over,
+# so noisier than the full-size models, whose figures are in bench/RESULTS.md): images >= 0.99989, SigLIP texts
+# >= 0.99996, Qwen3 texts >= 0.99998, token states >= 0.99996; /similarity's probabilities within 6.2e-4 and /rank's
+# scores within 2.6e-4. The bounds leave room for another CPU's kernels, which round differently.
 MIN_COSINE = {"images": 0.9998, "siglip texts": 0.9999, "qwen3 texts": 0.9999, "token states": 0.9999}
-PROBABILITIES_WITHIN = 4e-3
+PROBABILITIES_WITHIN = 1e-3
 
 
 def cosines(got: Any, expected: Any) -> np.ndarray:
