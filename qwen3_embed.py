@@ -28,6 +28,7 @@ from common.config import MB, ServiceSettings, default_model, limit_hint
 from common.errors import PayloadTooLarge
 from common.identity import weights_fingerprint
 from common.loading import describe_device, display_name, explain_broken_weights, locate_model, read_config
+from common.precision import GIVEN_WITH_THE_ENCODER
 from common.residency import SwappableWeights
 from common.server import ServiceDefinition
 from common.service import BatchedService
@@ -323,13 +324,20 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
 class Qwen3Service(BatchedService):
     """The loaded model behind the routes: one text batcher feeding the model's worker thread."""
 
-    def __init__(self, settings: Qwen3Settings, encoder: Qwen3Encoder, device_label: str) -> None:
+    def __init__(
+        self,
+        settings: Qwen3Settings,
+        encoder: Qwen3Encoder,
+        device_label: str,
+        dtype_reason: str = GIVEN_WITH_THE_ENCODER,
+    ) -> None:
         super().__init__(
             settings,
             encoder,
             model_name=model_name(settings.model, encoder),
-            version=encoder.recipe.version(),
+            version=encoder.recipe.version(),  # the same space in every dtype: bfloat16 only rounds it
             device=device_label,
+            dtype_reason=dtype_reason,
             run_texts=encoder.encode,  # vectors and per-token states share the text batches
         )
         self.settings: Qwen3Settings = settings
@@ -403,13 +411,13 @@ def load(settings: Qwen3Settings) -> Qwen3Service:
         encoder = Qwen3Encoder(
             source,
             device,
-            dtype,
+            dtype.dtype,
             settings.recipe(),
             max_batch_tokens=settings.max_batch_tokens,
             compile_model=settings.compile,
         )
     encoder.warm_up()
-    return Qwen3Service(settings, encoder, describe_device(device))
+    return Qwen3Service(settings, encoder, describe_device(device), dtype.reason)
 
 
 def text_encoder_files(files: list[str]) -> list[str] | None:

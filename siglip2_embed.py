@@ -34,6 +34,7 @@ from common.loading import (
     read_config,
     resolve_model_source,
 )
+from common.precision import GIVEN_WITH_THE_ENCODER
 from common.residency import SwappableWeights
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
@@ -54,6 +55,15 @@ DOWNLOAD_HELP = (
 
 class Siglip2Settings(ImageLimits, ServiceSettings):
     service_env_prefix: ClassVar[str] = SERVICES["siglip2"].env_prefix
+    # Its image and text vectors hold in bfloat16 (cosine 0.99999 and 0.99993 to float32 on the full-size
+    # architecture), but /similarity's probabilities would not: the pairs' cosines moved by up to 9e-4, and near
+    # p = 0.5 a probability's slope is exp(logit_scale) / 4 (about 29 for a trained so400m): up to 0.025 where 1e-3
+    # is the bound (a random checkpoint, whose logit scale is 0, cannot show it). On a GPU it runs in bfloat16, as
+    # it always has.
+    cpu_float32_because: ClassVar[str | None] = (
+        "SigLIP's pair probabilities (/similarity, /rank) would move by up to 0.025 in bfloat16; "
+        "--dtype bfloat16 embeds at its speed where only the vectors matter (indexing)"
+    )
 
     model: str = Field(
         default_factory=lambda: default_model(LOCAL_PATH, HUB_ID),
@@ -182,14 +192,21 @@ class Siglip2Encoder(SwappableWeights["SiglipModel"]):
 class Siglip2Service(BatchedService):
     """The loaded model behind the routes: a decoding pool, one batcher for images and one for texts."""
 
-    def __init__(self, settings: Siglip2Settings, encoder: Siglip2Encoder, device_label: str) -> None:
+    def __init__(
+        self,
+        settings: Siglip2Settings,
+        encoder: Siglip2Encoder,
+        device_label: str,
+        dtype_reason: str = GIVEN_WITH_THE_ENCODER,
+    ) -> None:
         super().__init__(
             settings,
             encoder,
             # A known checkpoint by its config's name, whatever its folder is called; another by its folder.
             model_name=encoder.known_name or display_name(settings.model),
-            version=EMBEDDING_VERSION,
+            version=EMBEDDING_VERSION,  # the same space in every dtype: bfloat16 only rounds it
             device=device_label,
+            dtype_reason=dtype_reason,
         )
         self.settings: Siglip2Settings = settings
         self.encoder = encoder
@@ -246,9 +263,9 @@ def load(settings: Siglip2Settings) -> Siglip2Service:
     """Resolve, load and warm up the model (runs in a thread at start-up)."""
     source, device, dtype = locate_model(settings, DOWNLOAD_HELP)
     with explain_broken_weights(source, DOWNLOAD_HELP):
-        encoder = Siglip2Encoder(source, device, dtype, compile_model=settings.compile)
+        encoder = Siglip2Encoder(source, device, dtype.dtype, compile_model=settings.compile)
     encoder.warm_up()
-    return Siglip2Service(settings, encoder, describe_device(device))
+    return Siglip2Service(settings, encoder, describe_device(device), dtype.reason)
 
 
 SERVICE = ServiceDefinition(

@@ -9,6 +9,7 @@ transformers at the top, so decoding workers do not pay for them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from embed_client.files import read_or_reason
 if TYPE_CHECKING:
     from siglip2_embed import Siglip2Settings
 
+logger = logging.getLogger(__name__)
 
 # A decoding worker: the process itself (Python, Ray, PIL, pyarrow: ~350 MB measured) and one large image while it
 # is decoded (a 24 MP JPEG at draft scale, a 50 MP PNG in full).
@@ -121,14 +123,16 @@ class ImageEmbedder:
 
     def __init__(self, settings: Siglip2Settings, spec: ImageSpec) -> None:
         from cluster.devices import place_on_ray_resources
-        from common.loading import pick_device, pick_dtype
+        from common.loading import pick_device
+        from common.precision import pick_dtype
         from siglip2_embed import Siglip2Encoder
 
         settings = place_on_ray_resources(settings)  # no GPU of Ray's: the CPU, whatever torch can see
         device = pick_device(settings)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: "auto" finds it
-        self.encoder = Siglip2Encoder(
-            resolve_model(settings), device, pick_dtype(settings.dtype, device), settings.compile
-        )
+        # each actor's own CPU decides, as a service's does
+        dtype = pick_dtype(settings.dtype, device, cpu_float32_because=settings.cpu_float32_because)
+        logger.info("embedding on %s as %s (%s)", device, dtype.name, dtype.reason)
+        self.encoder = Siglip2Encoder(resolve_model(settings), device, dtype.dtype, settings.compile)
         mine = self.encoder.image_spec(spec.max_pixels, spec.jpeg_draft, spec.max_decoded_pixels)
         if mine != spec:
             raise RuntimeError(f"the decoders use {spec} but the encoder wants {mine}: read_image_spec is out of date")

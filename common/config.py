@@ -42,12 +42,18 @@ class ServiceSettings(BaseSettings):
     service_env_prefix: ClassVar[str] = ""
     # Which inputs the service embeds: decides which routes it mounts and what its model accepts.
     modalities: ClassVar[tuple[Modality, ...]] = ("text",)
+    # Why the model keeps float32 under --dtype auto on a CPU that computes bfloat16 natively (None: it does not).
+    cpu_float32_because: ClassVar[str | None] = None
 
     model: str = Field(description="model folder or hub id")
     port: int = Field(ge=1, le=65535, description="TCP port")
     host: str = Field("127.0.0.1", description="bind address; anything but loopback should set an API key")
     device: Device = Field("auto", description="auto picks cuda, then mps, then cpu")
-    dtype: DType = Field("auto", description="auto: bfloat16 on CUDA, float32 elsewhere")
+    dtype: DType = Field(
+        "auto",
+        description="auto: bfloat16 on CUDA and on a CPU that computes it natively (AVX-512 BF16, AMX, Arm BF16), "
+        "float32 elsewhere; /info says which and why",
+    )
     compile: bool = Field(False, description="torch.compile the model: slower start, faster forward passes on a GPU")
     force_cpu: bool = Field(
         False,

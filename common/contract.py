@@ -36,7 +36,8 @@ class ModelInfo(BaseModel):
     dimension: int = Field(description="length of every vector")
     version: str = Field(description="embedding-space version: vectors are comparable only with equal model+version")
     device: str
-    dtype: str
+    dtype: str = Field(description="what the model computes in: float32, bfloat16 or float16")
+    dtype_reason: str = Field(description="why that dtype: asked for, or what --dtype auto found on this device")
     modalities: list[Modality] = Field(description="which inputs this service embeds")
     tiny: bool = Field(description="true for the tiny random-weight test models: their vectors are meaningless")
     fingerprint: str = Field(

@@ -1,5 +1,5 @@
 """Where a model comes from and where it runs: its local folder (a folder, the Hugging Face cache, or a download
-from the hub), the device and the dtype.
+from the hub), the device and the dtype (chosen in ``common.precision``).
 
 A model that can be found nowhere is one clear paragraph that says how to download it, not a traceback; so is a
 weights file that is truncated or corrupt (an interrupted download or copy), and a model file that this process may
@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from common.config import DType, ServiceSettings
+from common.config import ServiceSettings
+from common.precision import DTypeChoice, pick_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +154,6 @@ def _where_to_put_it() -> str:
     )
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
 def pick_device(settings: ServiceSettings) -> torch.device:
     """cuda -> mps -> cpu for "auto"; an explicit choice that is not available is an error, not a silent fallback."""
     if settings.force_cpu:
@@ -174,13 +172,6 @@ def pick_device(settings: ServiceSettings) -> torch.device:
     return torch.device("cuda", 0) if requested == "cuda" else torch.device(requested)
 
 
-def pick_dtype(requested: DType, device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA (float16 overflows to NaN in Qwen3's activations), float32 elsewhere."""
-    if requested != "auto":
-        return _DTYPES[requested]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def describe_device(device: torch.device) -> str:
     """ "cuda:0 (NVIDIA H100 80GB HBM3)" style label for logs."""
     if device.type == "cuda":
@@ -194,15 +185,16 @@ def whole_folder(source: str) -> list[Path]:
 
 def locate_model(
     settings: ServiceSettings, download_help: str, parts_read: Callable[[str], list[Path]] = whole_folder
-) -> tuple[str, torch.device, torch.dtype]:
-    """What every loader starts with: the model's folder, the device and the dtype (logged). ``parts_read``: the
-    folders of it the loader reads (the whole folder, unless the service uses only a part of a larger model)."""
+) -> tuple[str, torch.device, DTypeChoice]:
+    """What every loader starts with: the model's folder, the device and the dtype with its reason (logged).
+    ``parts_read``: the folders of it the loader reads (the whole folder, unless the service uses only a part of a
+    larger model)."""
     source = resolve_model_source(settings.model, download_help=download_help)
     for part in parts_read(source):
         raise_if_unreadable(part)  # before loading: the loaders would call such a file missing or corrupt
     device = pick_device(settings)
-    dtype = pick_dtype(settings.dtype, device)
-    logger.info("loading %s on %s as %s", source, describe_device(device), dtype)
+    dtype = pick_dtype(settings.dtype, device, cpu_float32_because=settings.cpu_float32_because)
+    logger.info("loading %s on %s as %s (%s)", source, describe_device(device), dtype.name, dtype.reason)
     return source, device, dtype
 
 

@@ -25,6 +25,7 @@ from common.errors import (
 )
 from common.failures import BatchOutOfMemory, run_pass
 from common.loading import has_random_weights
+from common.precision import GIVEN_WITH_THE_ENCODER, dtype_name
 from common.residency import Releasable, Residency, pick_sleep_mode
 from embed_client.formats import is_image_data_uri
 
@@ -63,9 +64,11 @@ class BatchedService:
         model_name: str,
         version: str,
         device: str,
+        dtype_reason: str = GIVEN_WITH_THE_ENCODER,
         run_texts: Callable[[list[Any]], Sequence[Any] | np.ndarray] | None = None,
     ) -> None:
-        """``run_texts``: the batch method the text batcher runs (default: the encoder's ``embed_texts``); a model
+        """``dtype_reason``: why the encoder computes in its dtype (``common.precision.pick_dtype``), for /info.
+        ``run_texts``: the batch method the text batcher runs (default: the encoder's ``embed_texts``); a model
         whose text batches carry other kinds of items too (per-token states) passes its own."""
         self.settings = settings
         self.modalities: tuple[Modality, ...] = settings.modalities
@@ -74,6 +77,7 @@ class BatchedService:
         self.dimension = encoder.dimension
         self.version = version
         self.device = device
+        self.dtype_reason = dtype_reason
         self.tiny = has_random_weights(encoder.source)
         self.fingerprint = encoder.fingerprint
         self.model_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -152,7 +156,8 @@ class BatchedService:
             dimension=self.dimension,
             version=self.version,
             device=self.device,
-            dtype=str(self.text_encoder.dtype).removeprefix("torch."),
+            dtype=dtype_name(self.text_encoder.dtype),
+            dtype_reason=self.dtype_reason,
             modalities=list(self.modalities),
             tiny=self.tiny,
             fingerprint=self.fingerprint,

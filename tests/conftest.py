@@ -25,6 +25,13 @@ from siglip2_embed import Siglip2Settings
 from siglip2_embed import build_app as build_image_app
 from tests.helpers import SERVICES, Scripts, free_port, ready_client, service_pids
 
+# The suite computes in float32 on every CPU. --dtype auto picks bfloat16 on a CPU that computes it natively, and the
+# tests compare vectors with float32 references at tight tolerances: the same suite must mean the same on every
+# machine. Set before any service is built or started, so that every service and what it starts inherits it
+# (start_all.sh, the live servers, Ray's workers; tests/containers.py passes it into containers).
+# tests/test_dtype_choice.py tests auto's choice and the bfloat16 path on their own.
+os.environ["EMBED_DTYPE"] = "float32"
+
 
 @pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -222,7 +222,9 @@ def build_image(tag: str, base: str, index_url: str | None, context: Path = ROOT
 def run_options(env: dict[str, str] | None, volumes: tuple[str, ...]) -> list[str]:
     """``docker run``'s options for a test's container: the host network, the tests' label, ``env`` and ``volumes``."""
     options = ["--network=host", "--label", LABEL]
-    for name, value in (env or {}).items():
+    # The suite's dtype (tests/conftest.py pins it) in the container too: its vectors are compared with the host's.
+    pinned = {"EMBED_DTYPE": os.environ["EMBED_DTYPE"]} if "EMBED_DTYPE" in os.environ else {}
+    for name, value in {**pinned, **(env or {})}.items():
         options += ["-e", f"{name}={value}"]
     for volume in volumes:
         options += ["-v", volume]

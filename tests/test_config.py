@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from common.config import load_settings
-from common.loading import pick_device, pick_dtype
+from common.loading import pick_device
+from common.precision import pick_dtype
 from siglip2_embed import HUB_ID, Siglip2Settings, main
 
 
@@ -35,9 +36,10 @@ def test_force_cpu_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FORCE_CPU", "1")
     settings = load_settings(Siglip2Settings, ["--device", "auto"])
     assert settings.force_cpu and pick_device(settings) == torch.device("cpu")
-    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
-    assert pick_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
-    assert pick_dtype("float16", torch.device("cpu")) == torch.float16
+    assert pick_dtype("auto", torch.device("cuda", 0)).dtype == torch.bfloat16
+    assert (
+        pick_dtype("float16", torch.device("cpu")).dtype == torch.float16
+    )  # auto on a CPU: tests/test_dtype_choice.py
 
 
 def test_bad_value_is_a_short_message(capsys: pytest.CaptureFixture[str]) -> None:

@@ -416,6 +416,7 @@ def test_compose_files_are_valid(docker_available: None, public_dir: Path) -> No
     healthcheck, the drain's grace period and the settings passed through; compose.tiny.yaml and
     compose.secrets.yaml on top of either."""
     env = {"MODELS_DIR": str(public_dir), "EMBED_API_KEY": "from-the-env", "EMBED_SLEEP_MODE": "unload"}
+    env["EMBED_DTYPE"] = "float32"
     gpu, cpu = services_of(env=env), services_of("compose.yaml", "compose.cpu.yaml", env=env)
     for name, port in (("siglip2", 6010), ("qwen3", 6011)):
         devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
@@ -434,6 +435,7 @@ def test_compose_files_are_valid(docker_available: None, public_dir: Path) -> No
             assert service["healthcheck"]["test"][-2:] == ["-m", "scripts.container_health"]
             assert service["environment"]["EMBED_API_KEY"] == "from-the-env"
             assert service["environment"]["EMBED_SLEEP_MODE"] == "unload"
+            assert service["environment"]["EMBED_DTYPE"] == "float32"
     for machine in ("compose.override.yaml", "compose.cpu.yaml"):
         tiny = services_of("compose.yaml", machine, "compose.tiny.yaml", env=env)
         assert tiny["siglip2"]["command"] == ["siglip2", "--tiny"] and tiny["qwen3"]["command"] == ["qwen3", "--tiny"]

@@ -49,7 +49,9 @@ class EmbedTokensRequest(BaseModel):
         "safetensors", description="safetensors (binary, the default) or json (nested lists)"
     )
     dtype: StatesDType | None = Field(
-        None, description="the values' dtype; default: the model's own (bfloat16 on CUDA, float32 on the CPU)"
+        None,
+        description="the values' dtype; default: the model's own (/info's dtype: bfloat16 on CUDA and on a CPU "
+        "with native bfloat16, float32 elsewhere)",
     )
 
     @model_validator(mode="after")
