@@ -14,7 +14,8 @@ everything again.
 Ray prints its own progress. The last line on stdout is one JSON object:
 ``{"embedded": N, "skipped": N, "failed": N, "removed": N, "seconds": S, "out": "OUT_DIR", "failures": "FILE"}``.
 Exit codes: 0 done (even with failed files), 1 the job failed (what finished is kept: rerun to carry on) or another
-run holds OUT_DIR, 2 bad arguments, 130 interrupted.
+run holds OUT_DIR, 2 bad arguments (SOURCE no folder, OUT_DIR a file or not a folder that can be made, a bad value of
+a setting), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 import ray
+from pydantic import ValidationError
 
 from cluster.pipeline import PoolOptions, dataset_location, embedding_dataset, read_image_spec
 from cluster.source import BadLocation, Source, SourceFile, list_images, open_source
@@ -242,10 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        settings = settings_from(args)
+    except ValidationError as exc:  # a value of an environment variable (the flags are checked by argparse)
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        sys.stderr.write(f"error: invalid setting: {problems}\n")
+        return 2
+    try:
         summary = run(
             args.source,
             args.out,
-            settings_from(args),
+            settings,
             reindex=args.reindex,
             address=args.address,
             actors=args.actors,

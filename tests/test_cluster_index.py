@@ -323,10 +323,35 @@ def test_files_that_cannot_be_read_are_failure_rows_not_the_end_of_the_job(odd_r
     assert summary.failed == 4 and not set(failures) & set(rows)
 
 
-def test_bad_arguments_exit_2_before_starting_ray(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "cluster.index_images", str(tmp_path / "missing"), "--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "is not a folder" in result.stderr
+@pytest.mark.parametrize(
+    ("source", "out", "env", "message"),
+    [
+        ("missing", "out", {}, "missing is not a folder"),
+        (
+            "photos",
+            "photo.png",
+            {},
+            "--out {tmp}/photo.png: {tmp}/photo.png is a file, not a folder; choose",
+        ),
+        ("photos", "photo.png/out", {}, "--out {tmp}/photo.png/out: {tmp}/photo.png is a file, not a folder"),
+        ("photos", "out", {"EMBED_MAX_IMAGE_BYTES": "lots"}, "invalid setting: max_image_bytes: Input should be"),
+    ],
+    ids=["no-source", "out-is-a-file", "out-under-a-file", "bad-environment"],
+)
+def test_bad_arguments_exit_2_in_one_line_before_starting_ray(
+    source: str, out: str, env: dict[str, str], message: str, tmp_path: Path
+) -> None:
+    """As the standalone indexer refuses them: one line, no traceback, before Ray starts."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "one.png").write_bytes(image_bytes(photo_like(20, 20)))
+    (tmp_path / "photo.png").write_bytes(image_bytes(photo_like(20, 20)))
+    command = [sys.executable, "-m", "cluster.index_images", str(tmp_path / source), "--out", str(tmp_path / out)]
+    environment = {**os.environ, **env}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert message.format(tmp=tmp_path) in result.stderr
+    assert (tmp_path / "photo.png").is_file()  # left as it was
 
 
 def test_object_storage_lists_like_the_local_folder(tmp_path: Path) -> None:
