@@ -264,8 +264,13 @@ def cluster(tiny_siglip: Path, tiny_zimage: Path, tmp_path_factory: pytest.TempP
     # process's environment (the front door's taken after ray.init, which adds what a driver needs to connect).
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SIGLIP2_MODEL", str(tiny_siglip))
-        ray.init(
-            num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=400 * 1024 * 1024, log_to_driver=False
+        ray.init(  # "local": a new Ray, never one a file left by `ray start` names (gone or not)
+            address="local",
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            object_store_memory=400 * 1024 * 1024,
+            log_to_driver=False,
         )
         env = dict(os.environ)
     address = ray.get_runtime_context().gcs_address

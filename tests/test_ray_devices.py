@@ -55,7 +55,8 @@ def ray_with_one_gpu() -> Iterator[None]:
     """A local Ray that declares one GPU (none is used: the actors only report what they were given)."""
     import ray
 
-    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
+    # "local": a new Ray, never one a file left by `ray start` names (gone or not)
+    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
     try:
         yield
     finally:
