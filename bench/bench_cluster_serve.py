@@ -310,6 +310,7 @@ def main() -> None:
         standalone_procs = descendants(os.getpid())
         started = time.perf_counter()
         ray.init(
+            address="local",  # a new Ray, never one a file left by `ray start` names
             # Logical CPUs: four applications (two services, 1 and 2 replicas) reserve all cores each; see
             # deploy_on_serve. Ray would otherwise wait forever for CPUs to schedule the last replicas on.
             num_cpus=4 * (os.cpu_count() or 1),

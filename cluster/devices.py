@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from cluster.permanent import PermanentFailure
 from common.config import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def placement(device: str, assigned: Mapping[str, float]) -> Placement:
     gpus = float(assigned.get("GPU", 0.0))
     if gpus <= 0:
         if device == "cuda":
-            raise RuntimeError(
+            # Every replica or actor of the same options gets no GPU either: not worth another start.
+            raise PermanentFailure.of(
                 "--device cuda was asked for, but Ray gave this actor no GPU (num_gpus 0): give it a GPU share "
                 "(--gpus-per-actor, or ray_actor_options num_gpus), or leave --device at auto"
             )

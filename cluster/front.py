@@ -4,6 +4,7 @@ Serve's proxy, so that a Serve deployment holds the bounds of a standalone servi
     python -m cluster.front cluster/serve_config.yaml        # Serve with that config, and the front door on its port
     python -m cluster.front cluster/serve_config_cpu.yaml    # the same on a machine without a GPU
     python -m cluster.front CONFIG --address auto --front-door-only   # the front door of another node
+    python -m cluster.front cluster/serve_config_cpu.yaml --tiny  # on tiny random-weight models: meaningless vectors
 
 Why. Serve's proxy cannot be configured for what a standalone service refuses before a request reaches the app: it
 reads request bodies ahead, whole when the request waits for a replica (before the app could check the key or the
@@ -36,6 +37,12 @@ down (as ``serve run`` does on Ctrl-C); ``--front-door-only`` leaves Serve runni
 Start-up checks. The config's applications must be this project's (``cluster.serve:siglip2_app`` /
 ``qwen3_app``) and their settings valid; and the cluster must have the CPUs and GPUs the replicas ask for: Serve
 would otherwise wait for them forever, saying so only in its own logs. Either fails within seconds, with a message.
+Then, until every application has run, a replica that cannot start for good (no such model, ...: cluster/permanent.py)
+stops the front door and Serve with the replica's own message and exit 1 (cluster/startup_watch.py).
+
+Ray. Without ``--address`` (or RAY_ADDRESS) the front door starts a Ray of its own with every server on loopback
+(cluster/ray_private.py); a cluster it joins listens as it was started. ``--tiny`` runs the applications on tiny
+random-weight models (cluster/tiny.py).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import argparse
 import asyncio
 import copy
 import logging
+import os
 import socket
 import sys
 import time
@@ -59,18 +67,23 @@ from multidict import CIMultiDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from yarl import URL
 
-from cluster.serve import SERVICE_MODULES, service_definition, settings_from_args
+from cluster.permanent import MARK
+from cluster.ray_private import deploy, local_ray_on_loopback
+from cluster.serve import service_definition, settings_from_args
+from cluster.startup_watch import StartupWatch
+from cluster.tiny import tiny_banner, tiny_models
 from common.api.app import UNPROTECTED_PATHS, body_paths, request_checks, route_paths, service_routers
 from common.api.middleware import AccessLog, ReleaseMemoryAfterLargeBodies, app_path, is_loopback, send_error
 from common.config import ServiceSettings
 from common.errors import EmbedError, NotFound, NotReady
 from common.metrics import Metrics
 from common.server import configure_logging, limited_server
+from common.services import SERVICES
 
 logger = logging.getLogger(__name__)
 
 # The builders of this project's applications, and the service each one serves.
-BUILDERS = {f"cluster.serve:{name}_app": name for name in SERVICE_MODULES}
+BUILDERS = {f"cluster.serve:{name}_app": name for name in SERVICES}
 # Headers of one hop, never passed on (RFC 9110 7.6.1), and the body framing, which the front door sets itself.
 HOP_BY_HOP = frozenset(
     {
@@ -131,6 +144,19 @@ def fronted_apps(config: Mapping[str, Any]) -> list[FrontedApp]:
     if not apps:
         raise ValueError("the config has no applications")
     return apps
+
+
+def with_models(config: Mapping[str, Any], folders: Mapping[str, Path]) -> dict[str, Any]:
+    """The config with each of this project's applications on the model folder of its service (``--tiny``), in
+    place of any ``model`` its args name."""
+    changed = copy.deepcopy(dict(config))
+    for app in changed.get("applications") or []:
+        service = BUILDERS.get(app.get("import_path", ""))
+        if service is not None and service in folders:
+            args = app.get("args") or {}
+            kept = {key: value for key, value in args.items() if key.removeprefix("--").replace("-", "_") != "model"}
+            app["args"] = {**kept, "model": str(folders[service])}
+    return changed
 
 
 def front_door_settings(apps: Sequence[FrontedApp], host: str, port: int) -> ServiceSettings:
@@ -468,7 +494,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "and checks) on the config's http_options address; Ctrl-C or SIGTERM stops both.",
     )
     parser.add_argument("config", type=Path, help="a Serve config file, e.g. cluster/serve_config.yaml")
-    parser.add_argument("--address", help="an existing Ray cluster (auto, HOST:6379); default: start a local one")
+    parser.add_argument(
+        "--address",
+        help="an existing Ray cluster (auto, HOST:6379); default RAY_ADDRESS, else a local Ray started for the front "
+        "door, every server of it on loopback",
+    )
     parser.add_argument(
         "--serve-port", type=int, help="the port of Serve's proxy, on loopback (default: http_options.port + 1)"
     )
@@ -482,6 +512,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-resource-check",
         action="store_true",
         help="deploy even if the cluster has fewer CPUs or GPUs than the replicas ask for (an autoscaling cluster)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="run the applications on tiny random-weight models (built once under .cache/tiny-models/, as "
+        "./start_all.sh --tiny): MEANINGLESS vectors, only for trying the commands",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -509,10 +545,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         config = yaml.safe_load(args.config.read_text())
+        if args.tiny:
+            config = with_models(config, tiny_models())
         apps = fronted_apps(config)
     except (OSError, yaml.YAMLError, ValueError) as exc:
         logger.error("%s: %s", args.config, exc)
         return 2
+    if args.tiny:
+        logger.warning("%s", tiny_banner("these applications run"))
     http_options = config.get("http_options") or {}
     host, port = str(http_options.get("host", "127.0.0.1")), int(http_options.get("port", 8000))
     serve_port = args.serve_port or port + 1
@@ -522,7 +562,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    ray.init(address=args.address, namespace="serve")
+    failed: list[str] = []  # the application whose replicas cannot start (StartupWatch)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace="serve")  # a cluster listens as it was started
+    else:
+        # "local": a Ray of the front door's own, never one that a file left by `ray start` names
+        with local_ray_on_loopback():
+            ray.init(address="local", namespace="serve")
     try:
         if not args.front_door_only and not args.no_resource_check:
             problem = missing_resources(resource_asks(config), ray.cluster_resources(), str(args.config))
@@ -542,6 +589,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 front_door_settings(apps, host, port),
                 runtime=None,
             )
+
+            def cannot_start(application: str, reason: str) -> None:
+                logger.error(
+                    "application %s: a replica %s%s\n(an application's model is `model` in its args in %s, or "
+                    "SIGLIP2_MODEL / QWEN3_MODEL; --tiny tries the commands on tiny random-weight models)",
+                    application,
+                    MARK,
+                    reason,
+                    args.config,
+                )
+                failed.append(application)
+                server.should_exit = True  # stops as a stop signal does: the front door, then Serve
+
+            watch = StartupWatch([app.name for app in apps], cannot_start)
+            if not args.front_door_only:
+                watch.start()
             logger.info(
                 "front door on http://%s:%d (%s), Serve's proxy on 127.0.0.1:%d",
                 host if ":" not in host else f"[{host}]",
@@ -549,7 +612,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ", ".join(app.route_prefix for app in apps),
                 serve_port,
             )
-            server.run(sockets=[sock])
+            if args.tiny:
+                logger.warning("%s", tiny_banner("these applications run"))
+            try:
+                server.run(sockets=[sock])
+            finally:
+                watch.stop()
         finally:
             sock.close()
             if not args.front_door_only:
@@ -557,23 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 serve.shutdown()
     finally:
         ray.shutdown()
-    return 0
-
-
-def deploy(config: dict[str, Any]) -> None:
-    """Start Serve and deploy the config, as ``serve run CONFIG`` does (through the same calls; returns at once)."""
-    from ray.serve._private.api import serve_start
-    from ray.serve.config import gRPCOptions
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(config)
-    client = serve_start(
-        http_options=schema.http_options.model_dump(),
-        proxy_location=schema.proxy_location,
-        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
-        controller_options=schema.controller_options,
-    )
-    client.deploy_apps(schema, _blocking=False)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

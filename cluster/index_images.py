@@ -1,7 +1,7 @@
 """Bulk import on Ray Data: every image under SOURCE into a Parquet dataset of unit vectors, equal to what the image
 service's ``POST /embed/image`` returns for each file, on a local Ray or on a running cluster.
 
-    python -m cluster.index_images SOURCE --out OUT_DIR [--model PATH_OR_ID] [--address auto|ray://HOST:10001]
+    python -m cluster.index_images SOURCE --out OUT_DIR [--model PATH_OR_ID | --tiny] [--address auto|ray://HOST:10001]
         [--actors N] [--gpus-per-actor F] [--batch-size B] [--reindex]
 
 SOURCE is a local folder or any URI pyarrow reads (s3://bucket/photos, gs://..., file:///...). A local folder is
@@ -13,8 +13,12 @@ vectors of other weights in OUT_DIR make the job refuse to start; ``--reindex`` 
 
 Ray prints its own progress. The last line on stdout is one JSON object:
 ``{"embedded": N, "skipped": N, "failed": N, "removed": N, "seconds": S, "out": "OUT_DIR", "failures": "FILE"}``.
-Exit codes: 0 done (even with failed files), 1 the job failed (what finished is kept: rerun to carry on), another
-run holds OUT_DIR or it holds vectors of other weights, 2 bad arguments, 130 interrupted.
+Exit codes: 0 done (even with failed files), 1 the job failed (what finished is kept: rerun to carry on), or the
+model cannot be loaded (no such model, ...: its message, nothing to rerun), or another run holds OUT_DIR or it
+holds vectors of other weights, 2 bad
+arguments (SOURCE no folder, OUT_DIR a file or not a folder that can be made, a bad value of a setting), 130
+interrupted. ``--tiny`` runs the import on a tiny random-weight SigLIP (meaningless vectors). Without ``--address``
+(or RAY_ADDRESS) the job starts a Ray of its own, every server of it on loopback.
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ from typing import Any
 
 import pyarrow.compute as pc
 import ray
+from pydantic import ValidationError
 
+from cluster.permanent import permanent_reason
 from cluster.pipeline import PoolOptions, dataset_location, embedding_dataset, read_image_spec
+from cluster.ray_private import local_ray_on_loopback
 from cluster.source import BadLocation, Source, SourceFile, list_images, open_source
 from cluster.store import OutputStore, output_lock
+from cluster.tiny import tiny_banner, tiny_models
 from embed_client.__main__ import positive_int
 from embed_client.files import too_large_reason
 from embed_client.indexer import IndexRefused
@@ -73,8 +81,13 @@ def connect(address: str | None) -> None:
         # "local": always a new Ray of this job's own, even if `ray start` left one running on this machine.
         started = time.monotonic()
         # No dashboard: it would live only as long as this job, and its dozen processes slow the job's start.
-        ray.init(address="local", include_dashboard=False)
-        logger.info("started a local Ray in %.1f s", time.monotonic() - started)
+        with local_ray_on_loopback():
+            ray.init(address="local", include_dashboard=False)
+        logger.info(
+            "started a local Ray at %s in %.1f s",
+            ray.get_runtime_context().gcs_address,
+            time.monotonic() - started,
+        )
         return
     ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": [".git", "tests", "bench"]})
 
@@ -210,7 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", metavar="SOURCE", help="a local folder or a URI pyarrow reads")
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (or URI)")
-    parser.add_argument("--model", help="SigLIP checkpoint folder or hub id (default: as the image service)")
+    models = parser.add_mutually_exclusive_group()
+    models.add_argument("--model", help="SigLIP checkpoint folder or hub id (default: as the image service)")
+    models.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny random-weight SigLIP (built once under .cache/tiny-models/, as ./start_all.sh --tiny): "
+        "MEANINGLESS vectors, only for trying the command",
+    )
     parser.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], help="default auto")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default auto")
     parser.add_argument("--max-image-pixels", type=positive_int, help="as the service's flag")
@@ -235,6 +255,8 @@ def settings_from(args: argparse.Namespace) -> Siglip2Settings:
     """The image service's settings: flags given here, then its environment variables, then its defaults."""
     names = ("model", "device", "dtype", "max_image_pixels", "max_image_bytes", "jpeg_draft")
     given: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.tiny:
+        given["model"] = str(tiny_models()["siglip2"])
     return Siglip2Settings(**given)
 
 
@@ -242,10 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        settings = settings_from(args)
+    except ValidationError as exc:  # a value of an environment variable (the flags are checked by argparse)
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        sys.stderr.write(f"error: invalid setting: {problems}\n")
+        return 2
+    if args.tiny:
+        logger.warning("%s", tiny_banner("this import runs"))
+    try:
         summary = run(
             args.source,
             args.out,
-            settings_from(args),
+            settings,
             reindex=args.reindex,
             address=args.address,
             actors=args.actors,
@@ -262,12 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: finished blocks are kept; run the same command to carry on\n")
         return 130
-    except Exception:
-        logger.exception("the job failed; finished blocks are kept: run the same command to carry on")
+    except Exception as exc:
+        reason = permanent_reason(exc)
+        if reason is None:
+            logger.exception("the job failed; finished blocks are kept: run the same command to carry on")
+        else:  # the same on every run (no such model, ...): its own message, and no advice to run it again
+            sys.stderr.write(f"error: {reason}\n")
         return 1
     finally:
         # Before the summary: nothing Ray forwards from its workers can print after it.
         ray.shutdown()
+    if args.tiny:
+        logger.warning("%s", tiny_banner("this import ran on"))
     sys.stdout.write(summary.json_line() + "\n")
     return 0
 

@@ -22,6 +22,7 @@ import numpy as np
 import ray
 import ray.data
 
+from cluster.permanent import PERMANENT_LOAD_ERRORS, PermanentFailure
 from cluster.source import Source, SourceFile
 from common.errors import EmbedError
 from common.images import ImageSpec, encoded_bytes, prepare_image
@@ -67,8 +68,17 @@ def read_image_spec(settings: Siglip2Settings) -> ImageSpec:
     """
     from PIL import Image
 
+    from common.loading import WrongModel
+    from siglip2_embed import HUB_ID
+
     folder = resolve_model(settings)
-    config = json.loads((Path(folder) / "preprocessor_config.json").read_text(encoding="utf-8"))
+    preprocessor = Path(folder) / "preprocessor_config.json"
+    if not preprocessor.is_file():  # not a model of this kind: a message, as the encoder's own check gives
+        raise WrongModel(
+            f"{folder} has no preprocessor_config.json. The import needs a fixed-resolution SigLIP/SigLIP2 checkpoint "
+            f"(model_type 'siglip', e.g. {HUB_ID})."
+        )
+    config = json.loads(preprocessor.read_text(encoding="utf-8"))
     size, resample = config.get("size") or {}, config.get("resample")
     if not ("height" in size and "width" in size and isinstance(resample, int)):
         from transformers import AutoImageProcessor
@@ -123,16 +133,22 @@ class ImageEmbedder:
 
     def __init__(self, settings: Siglip2Settings, spec: ImageSpec) -> None:
         from cluster.devices import place_on_ray_resources
-        from common.loading import pick_device
+        from common.loading import explain_broken_weights, pick_device
         from common.precision import pick_dtype
-        from siglip2_embed import Siglip2Encoder
+        from siglip2_embed import DOWNLOAD_HELP, Siglip2Encoder
 
         settings = place_on_ray_resources(settings)  # no GPU of Ray's: the CPU, whatever torch can see
         device = pick_device(settings)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: "auto" finds it
         # each actor's own CPU decides, as a service's does
         dtype = pick_dtype(settings.dtype, device, cpu_float32_because=settings.cpu_float32_because)
         logger.info("embedding on %s as %s (%s)", device, dtype.name, dtype.reason)
-        self.encoder = Siglip2Encoder(resolve_model(settings), device, dtype.dtype, settings.compile)
+        try:
+            folder = resolve_model(settings)
+            with explain_broken_weights(folder, DOWNLOAD_HELP):  # as the service loads it: which file, and why
+                self.encoder = Siglip2Encoder(folder, device, dtype.dtype, settings.compile)
+        except PERMANENT_LOAD_ERRORS as exc:
+            # Ray Data gives the driver only this error's text: marked, it says "the model", not "run it again".
+            raise PermanentFailure.of(str(exc)) from None
         mine = self.encoder.image_spec(spec.max_pixels, spec.jpeg_draft, spec.max_decoded_pixels)
         if mine != spec:
             raise RuntimeError(f"the decoders use {spec} but the encoder wants {mine}: read_image_spec is out of date")

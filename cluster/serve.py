@@ -9,14 +9,18 @@ micro-batcher as ``siglip2_embed.py`` / ``qwen3_embed.py``, and one model per re
 Serve's proxy passes the route prefix as the ASGI ``root_path``, so the app matches the paths it always matches.
 
 Readiness. Serve counts a replica as running, and starts routing requests to it, once its ASGI lifespan start-up
-has finished. The app's own lifespan returns at once and loads the model in the background (so that a standalone
-server can answer ``/health`` 503 meanwhile); here the start-up also waits until the model is loaded, so a replica
-whose model is still loading never gets a request, and a replica whose model fails to load fails to start (Serve
-retries it, and reports the error in ``serve status``). ``check_health`` fails once the model turns unhealthy (a
-broken device), and Serve replaces the replica. So whichever replica answers a request, its model is loaded, and
-``GET /health`` is that replica's own answer: a node whose requests are served stays in a load balancer's rotation
-while one replica of several is lost or replaced. While no replica of an application is running, Serve's proxy holds
-requests (``/health`` included) until one is; the front door (cluster/front.py) answers 503 then.
+has finished and a first ``check_health`` has passed. The app's own lifespan returns at once and loads the model in
+the background (so that a standalone server can answer ``/health`` 503 meanwhile); here the start-up also waits
+until the model is loaded or has failed, so a replica whose model is still loading never gets a request, and one
+whose model failed fails that first check with the load error: it fails to start, with that error in ``serve
+status`` (an error of the start-up itself shows there only as "ASGI lifespan startup failed"), and Serve starts
+another. A model that cannot load for good (no such model, another kind, broken or unreadable weights) fails it as a
+``PermanentFailure`` (cluster/permanent.py), at which the front door stops. ``check_health`` also fails once the
+model turns unhealthy (a broken device), and Serve replaces the replica. So whichever replica answers a request, its
+model is loaded, and ``GET /health`` is that replica's own answer: a node whose requests are served stays in a load
+balancer's rotation while one replica of several is lost or replaced. While no replica of an application is
+running, Serve's proxy holds requests (``/health`` included) until one is; the front door (cluster/front.py) answers
+503 then.
 
 The builders' ``args`` are the services' settings, under the names of their flags (``max_batch_size`` or
 ``max-batch-size``); what they leave out comes from the same environment variables as the standalone services
@@ -46,17 +50,16 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cluster.permanent import PERMANENT_LOAD_ERRORS, PermanentFailure
 from common.api.app import Runtime
 from common.api.middleware import ReleaseMemoryAfterLargeBodies
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel
 from common.errors import EmbedError
 from common.server import ServiceDefinition, configure_logging
+from common.services import SERVICES
 
 logger = logging.getLogger(__name__)
-
-# Application name -> the module that defines its SERVICE (imported lazily: only the replicas need the model code).
-SERVICE_MODULES = {"siglip2": "siglip2_embed", "qwen3": "qwen3_embed"}
 
 # Settings Serve decides instead: the proxy's http_options set the address, and Ray keeps each replica's log.
 NOT_USED_UNDER_SERVE = {
@@ -84,9 +87,10 @@ DEPLOYMENT_DEFAULTS: dict[str, Any] = {
 
 
 def service_definition(name: str) -> ServiceDefinition[Any]:
-    if name not in SERVICE_MODULES:
-        raise ValueError(f"unknown service {name!r}; the services are {', '.join(SERVICE_MODULES)}")
-    definition: ServiceDefinition[Any] = importlib.import_module(SERVICE_MODULES[name]).SERVICE
+    if name not in SERVICES:
+        raise ValueError(f"unknown service {name!r}; the services are {', '.join(SERVICES)}")
+    # imported here: only the replicas need the model code
+    definition: ServiceDefinition[Any] = importlib.import_module(SERVICES[name].module).SERVICE
     return definition
 
 
@@ -102,7 +106,7 @@ def settings_from_args(name: str, args: Mapping[str, Any]) -> ServiceSettings:
         if field not in settings_cls.model_fields:
             raise ValueError(
                 f"{name}: unknown setting {key!r}; the settings are the flags of "
-                f"'python {SERVICE_MODULES[name]}.py --help'"
+                f"'python {SERVICES[name].module}.py --help'"
             )
         values[field] = value
     try:
@@ -190,7 +194,7 @@ class EmbeddingReplica:
             self.definition.download_model(self.settings)
             return self.definition.load(self.settings)
         except Exception as exc:
-            self.load_error = exc  # for the start-up error, which Serve shows in `serve status`
+            self.load_error = exc  # for the first health check, whose error Serve shows in `serve status`
             raise
 
     def _start_only_once_loaded(self, app: FastAPI, runtime: Runtime) -> None:
@@ -203,15 +207,19 @@ class EmbeddingReplica:
             async with context as state:
                 while runtime.status == "loading":
                     await asyncio.sleep(READY_POLL_S)
-                if runtime.status != "ok":
-                    # The traceback is in the replica's log ("loading the model failed"); Serve starts another.
-                    raise RuntimeError(f"the model did not load: {self.load_error or runtime.status}")
+                # A failed load ends the start-up too: the first check_health, which Serve runs next, fails with it.
                 yield state
 
         app.router.lifespan_context = lifespan
 
     def check_health(self) -> None:
-        """Serve calls this every ``health_check_period_s``; raising makes it replace the replica."""
+        """Serve calls this once before the replica counts as running, then every ``health_check_period_s``; raising
+        makes it replace the replica. Its message is what ``serve status`` shows of a replica that failed to start:
+        the load error itself (the traceback is in the replica's log, "loading the model failed")."""
+        if self.load_error is not None:
+            if isinstance(self.load_error, PERMANENT_LOAD_ERRORS):
+                raise PermanentFailure.of(str(self.load_error))
+            raise RuntimeError(f"the model did not load: {self.load_error}")
         status = self.runtime.status if self.runtime is not None else "loading"
         if status != "ok":
             raise RuntimeError(f"model is {status}")
@@ -234,11 +242,21 @@ def application(
     return EmbeddingDeployment.options(name=name, **options).bind(name, settings, load)
 
 
-def siglip2_app(args: dict[str, Any]) -> Application:
-    """Builder for ``import_path: cluster.serve:siglip2_app``."""
-    return application("siglip2", args)
+def _builder(name: str) -> Callable[[dict[str, Any]], Application]:
+    def build(args: dict[str, Any]) -> Application:
+        return application(name, args)
+
+    build.__name__ = build.__qualname__ = f"{name}_app"
+    build.__doc__ = f"Builder for ``import_path: cluster.serve:{name}_app``."
+    return build
 
 
-def qwen3_app(args: dict[str, Any]) -> Application:
-    """Builder for ``import_path: cluster.serve:qwen3_app``."""
-    return application("qwen3", args)
+# ``cluster.serve:siglip2_app``, ``cluster.serve:qwen3_app``: one builder for each service of the registry (Serve
+# wants a plain function of one argument for an import_path that takes ``args``).
+BUILDERS = {f"{name}_app": _builder(name) for name in SERVICES}
+
+
+def __getattr__(attribute: str) -> Callable[[dict[str, Any]], Application]:
+    if attribute in BUILDERS:
+        return BUILDERS[attribute]
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")

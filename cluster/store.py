@@ -46,7 +46,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +121,17 @@ def output_lock(out: str) -> Iterator[None]:
         logger.info("%s is object storage, which has no lock: run one import at a time into it", out)
         yield
         return
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with locked_output(root):
+    with ExitStack() as held:
+        try:
+            for folder in (root, *root.parents):  # the nearest that exists must be a folder
+                if folder.exists():
+                    if not folder.is_dir():
+                        raise BadLocation(f"--out {out}: {folder} is a file, not a folder; choose another --out")
+                    break
+            root.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(locked_output(root))
+        except OSError as exc:  # no permission, a read-only file system: one line, as a bad argument
+            raise BadLocation(f"--out {out}: {exc.strerror or exc} ({exc.filename}); choose another --out") from None
         yield
 
 
@@ -178,7 +187,10 @@ class OutputStore:
         self.root = root  # OUT_DIR: the parts of the vectors, nothing else
         self.failures_file = f"{root}.failures.parquet"
         self.failures_location = f"{out.rstrip('/')}.failures.parquet" if local is None else self.failures_file
-        self.fs.create_dir(root, recursive=True)
+        try:
+            self.fs.create_dir(root, recursive=True)
+        except OSError as exc:  # a file of that name, no permission (object storage: no such bucket, no access)
+            raise BadLocation(f"--out {out}: cannot make the folder {root}: {exc}; choose another --out") from None
         self._remove_temporary_files(root)
         if self.fs.get_file_info(_temporary(self.failures_file)).type == pa_fs.FileType.File:
             self.fs.delete_file(_temporary(self.failures_file))  # left by a run killed while writing it

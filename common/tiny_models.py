@@ -203,14 +203,21 @@ def build_tiny_qwen3(out: Path, seed: int = 1, num_layers: int = 3) -> Path:
     return out
 
 
+def build_all(out_dir: Path, siglip_image_size: int = 64) -> Path:
+    """All three under ``out_dir``: ``siglip/``, ``zimage/``, ``qwen3/`` (./start_all.sh --tiny and ``--tiny`` of the
+    Ray commands use this layout)."""
+    build_tiny_siglip(out_dir / "siglip", image_size=siglip_image_size)
+    build_tiny_zimage(out_dir / "zimage")
+    build_tiny_qwen3(out_dir / "qwen3")
+    return out_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--siglip-image-size", type=int, default=64, help="512 gives the real input size")
     args = parser.parse_args()
-    build_tiny_siglip(args.out_dir / "siglip", image_size=args.siglip_image_size)
-    build_tiny_zimage(args.out_dir / "zimage")
-    build_tiny_qwen3(args.out_dir / "qwen3")
+    build_all(args.out_dir, args.siglip_image_size)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
   to them in-process;
 * checks: ``assert_error`` (the error envelope), ``assert_same_vectors``;
 * ``free_port``, ``serve_in_thread`` (a real uvicorn server) and ``Scripts`` (start_all.sh / stop_all.sh with a
-  test's own ports and log directory) for tests that start real servers.
+  test's own ports and log directory) for tests that start real servers; ``process_tree`` and
+  ``listening_sockets`` for what a process and its children run and listen on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +285,73 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    started: int  # clock ticks after boot: with the pid, one process (a pid may be reused)
+    name: str  # the command line, or the title a Ray worker gives itself ("ray::ServeReplica:siglip2:siglip2")
+
+    @property
+    def alive(self) -> bool:
+        here = process(self.pid)
+        return here is not None and here.started == self.started
+
+
+def process(pid: int) -> Process | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if fields[0] == "Z":
+        return None
+    return Process(pid, int(fields[19]), cmdline(pid).strip())
+
+
+def process_tree(root: int) -> list[Process]:
+    """``root`` and every process below it (Ray's processes are children of the driver or of ``ray start``, its
+    workers children of the raylet)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    pids, frontier = [root], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        pids += children
+        frontier += children
+    return [found for pid in pids if (found := process(pid)) is not None]
+
+
+def listening_sockets(processes: Sequence[Process]) -> list[tuple[Process, str, int]]:
+    """(process, address, port) of every listening TCP socket the processes hold (from /proc/net/tcp{,6} and
+    their file descriptors); an IPv4 address mapped into IPv6 (``::ffff:127.0.0.1``) is given as the IPv4 one."""
+    listening: dict[int, tuple[str, int]] = {}
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            raw_address, raw_port = fields[1].split(":")
+            packed = bytes.fromhex(raw_address)
+            words = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))  # host-order words
+            address = socket.inet_ntop(family, words)
+            listening[int(fields[9])] = (address.removeprefix("::ffff:"), int(raw_port, 16))
+    found = []
+    for holder in processes:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{holder.pid}/fd").iterdir()]
+        except OSError:
+            continue  # gone meanwhile
+        for link in links:
+            if link.startswith("socket:[") and int(link[8:-1]) in listening:
+                found.append((holder, *listening[int(link[8:-1])]))
+    return sorted(set(found), key=lambda row: (row[0].pid, row[2]))
 
 
 def service_pids(script: str, port: int) -> list[int]:

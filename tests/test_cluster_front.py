@@ -1,10 +1,12 @@
 """The front door of the Serve deployment (cluster/front.py), the pieces that need no Ray: what the config files ask
-of the cluster, the config Serve gets, and ``/health`` from what Serve's controller says. The front door itself, on
-a local Ray, is tested in test_cluster_serve.py."""
+of the cluster, the config Serve gets, ``/health`` from what Serve's controller says, the permanent failures found in
+what Serve says (cluster/permanent.py, cluster/startup_watch.py) and ``--tiny``'s models. The front door itself, on a
+local Ray, is tested in test_cluster_serve.py and test_cluster_local.py."""
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from ray.exceptions import RayTaskError
 
 from cluster.front import (
     PROXY_ENV,
@@ -27,7 +30,11 @@ from cluster.front import (
     missing_resources,
     resource_asks,
     serve_config_behind,
+    with_models,
 )
+from cluster.permanent import PermanentFailure, permanent_reason
+from cluster.startup_watch import StartupWatch
+from common.loading import BrokenWeights, ModelNotFound, WrongModel
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
@@ -199,3 +206,104 @@ def test_health_does_not_wait_on_a_controller_that_never_answers(monkeypatch: py
 
     answer, seconds = asyncio.run(ask())
     assert answer is None and seconds < 10
+
+
+# What Serve's status said of a replica whose model was not found (Ray 2.60; the middle of the traceback cut).
+SERVE_MESSAGE = """A replica failed to start with exception. Retrying 2 more time(s). Error:
+\x1b[36mray::ServeReplica:siglip2:siglip2.initialize_and_get_metadata()\x1b[39m (pid=20104, ip=192.0.2.2, actor_id=b2a5)
+  File "/venv/lib/python3.11/site-packages/ray/serve/_private/replica.py", line 1928, in initialize
+    raise RuntimeError(traceback.format_exc()) from None
+RuntimeError: Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/ray/serve/_private/replica.py", line 1926, in initialize
+    await self.check_health()
+  File "/repo/cluster/serve.py", line 222, in check_health
+    raise PermanentFailure.of(str(self.load_error))
+cluster.permanent.PermanentFailure: cannot start, and trying again would fail the same way: Model not found: '/m' is \
+not a local folder. Download it first, for example:
+
+    huggingface-cli download google/siglip2-so400m-patch16-512 --local-dir /mnt/hdd/models/siglip2-so400m-patch16-512
+
+then start the service with --model PATH (or the environment variable named in --help).
+"""
+# ... and of one whose load failed in a way a retry may not meet (out of memory while loading).
+TRANSIENT_MESSAGE = """A replica failed to start with exception. Retrying 2 more time(s). Error:
+RuntimeError: Traceback (most recent call last):
+  File "/repo/cluster/serve.py", line 223, in check_health
+    raise RuntimeError(f"the model did not load: {self.load_error}")
+RuntimeError: the model did not load: CUDA out of memory. Tried to allocate 2.00 GiB
+"""
+
+
+def test_a_permanent_failure_is_found_in_the_text_ray_passes_on() -> None:
+    reason = permanent_reason(SERVE_MESSAGE)
+    assert reason is not None and reason.startswith("Model not found: '/m' is not a local folder. Download it first")
+    assert reason.endswith("(or the environment variable named in --help).")
+    assert permanent_reason(TRANSIENT_MESSAGE) is None and permanent_reason("") is None
+    # an error of this process, a Ray task's (whose cause Ray keeps) and one of its causes
+    assert permanent_reason(ModelNotFound("Model not found: 'x'")) == "Model not found: 'x'"
+    assert (
+        permanent_reason(RayTaskError("read_image_spec", "Traceback ...", WrongModel("a clip model"))) == "a clip model"
+    )
+    try:
+        try:
+            raise BrokenWeights("model.safetensors is truncated")
+        except BrokenWeights as exc:
+            raise RuntimeError("the job failed") from exc
+    except RuntimeError as chained:
+        assert permanent_reason(chained) == "model.safetensors is truncated"
+    assert permanent_reason(RuntimeError("CUDA out of memory")) is None
+    # the error crosses Ray's processes pickled: its reason comes back whole
+    marked = PermanentFailure.of("Model not found: 'x'")
+    assert pickle.loads(pickle.dumps(marked)).reason == "Model not found: 'x'" == permanent_reason(marked)
+
+
+class ScriptedDeployments:
+    def __init__(self, *answers: dict[str, dict[str, tuple[str, str]]] | Exception) -> None:
+        self.answers = list(answers)
+
+    def __call__(self) -> dict[str, dict[str, tuple[str, str]]]:
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def watch(ask: ScriptedDeployments) -> list[tuple[str, str]]:
+    failures: list[tuple[str, str]] = []
+    startup = StartupWatch(["siglip2", "qwen3"], lambda app, reason: failures.append((app, reason)), ask, 0.01)
+    startup.start()
+    startup._thread.join(timeout=30)
+    assert not startup._thread.is_alive()
+    return failures
+
+
+def test_the_startup_watch_stops_the_front_door_at_the_first_permanent_failure() -> None:
+    loading = {"siglip2": {"siglip2": ("UPDATING", "")}}  # qwen3 not registered yet
+    failing = {"siglip2": {"siglip2": ("UPDATING", SERVE_MESSAGE)}, "qwen3": {"qwen3": ("UPDATING", "")}}
+    failures = watch(ScriptedDeployments(RuntimeError("the controller is starting"), loading, failing))
+    assert [(app, reason.split(" is not")[0]) for app, reason in failures] == [("siglip2", "Model not found: '/m'")]
+
+
+def test_the_startup_watch_ends_once_every_application_ran_and_waits_on_transient_failures() -> None:
+    retrying = {"siglip2": {"siglip2": ("UPDATING", TRANSIENT_MESSAGE)}, "qwen3": {"qwen3": ("HEALTHY", "")}}
+    running = {"siglip2": {"siglip2": ("HEALTHY", "")}, "qwen3": {"qwen3": ("HEALTHY", "")}}
+    # once both ran, a later failure is a replica lost, which Serve replaces: the watch has ended before it
+    assert watch(ScriptedDeployments(retrying, running, {"siglip2": {"siglip2": ("UPDATING", SERVE_MESSAGE)}})) == []
+
+
+def test_tiny_models_replace_the_applications_models_in_any_spelling() -> None:
+    config: dict[str, Any] = {
+        "applications": [
+            {"import_path": "cluster.serve:siglip2_app", "args": {"--model": "/real/siglip2", "device": "cpu"}},
+            {"import_path": "cluster.serve:qwen3_app"},
+            {"import_path": "my.module:app", "args": {"model": "mine"}},
+        ]
+    }
+    folders = {"siglip2": Path("/tiny/siglip"), "qwen3": Path("/tiny/zimage")}
+    changed = with_models(config, folders)
+    assert [app.get("args") for app in changed["applications"]] == [
+        {"device": "cpu", "model": "/tiny/siglip"},
+        {"model": "/tiny/zimage"},
+        {"model": "mine"},  # not this project's: the front door refuses it later, as it is
+    ]
+    assert config["applications"][0]["args"]["--model"] == "/real/siglip2"  # the caller's config as it was

@@ -323,10 +323,69 @@ def test_files_that_cannot_be_read_are_failure_rows_not_the_end_of_the_job(odd_r
     assert summary.failed == 4 and not set(failures) & set(rows)
 
 
-def test_bad_arguments_exit_2_before_starting_ray(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "cluster.index_images", str(tmp_path / "missing"), "--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "is not a folder" in result.stderr
+@pytest.mark.parametrize(
+    ("source", "out", "env", "message"),
+    [
+        ("missing", "out", {}, "missing is not a folder"),
+        (
+            "photos",
+            "photo.png",
+            {},
+            "--out {tmp}/photo.png: {tmp}/photo.png is a file, not a folder; choose",
+        ),
+        ("photos", "photo.png/out", {}, "--out {tmp}/photo.png/out: {tmp}/photo.png is a file, not a folder"),
+        ("photos", "out", {"EMBED_MAX_IMAGE_BYTES": "lots"}, "invalid setting: max_image_bytes: Input should be"),
+    ],
+    ids=["no-source", "out-is-a-file", "out-under-a-file", "bad-environment"],
+)
+def test_bad_arguments_exit_2_in_one_line_before_starting_ray(
+    source: str, out: str, env: dict[str, str], message: str, tmp_path: Path
+) -> None:
+    """As the standalone indexer refuses them: one line, no traceback, before Ray starts."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "one.png").write_bytes(image_bytes(photo_like(20, 20)))
+    (tmp_path / "photo.png").write_bytes(image_bytes(photo_like(20, 20)))
+    command = [sys.executable, "-m", "cluster.index_images", str(tmp_path / source), "--out", str(tmp_path / out)]
+    environment = {**os.environ, **env}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert message.format(tmp=tmp_path) in result.stderr
+    assert (tmp_path / "photo.png").is_file()  # left as it was
+
+
+def without_file(model: Path, into: Path, name: str) -> Path:
+    copy = shutil.copytree(model, into)
+    (copy / name).unlink()
+    return Path(copy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("missing", "error: Model not found: '{tmp}/missing' is not a local folder. Download it first, for example:"),
+        ("no-config", "error: {tmp}/no-config has no config.json. This service needs a fixed-resolution SigLIP"),
+        ("no-preprocessor", "error: {tmp}/no-preprocessor has no preprocessor_config.json. The import needs a"),
+    ],
+    ids=["in-a-task", "in-the-actors", "in-the-driver"],
+)
+def test_a_model_that_cannot_be_loaded_ends_the_job_with_its_own_message(
+    model: str, message: str, ray_cluster: str, tiny_siglip: Path, tmp_path: Path
+) -> None:
+    """Not a traceback and "run the same command to carry on": a rerun would fail the same way. Wherever the model
+    fails: the task that reads its spec on a node (a folder missing here), the encoder actors (a folder of another
+    kind: Ray passes their error on as text only), the driver (a folder without the decoders' spec)."""
+    without_file(tiny_siglip, tmp_path / "no-config", "config.json")
+    without_file(tiny_siglip, tmp_path / "no-preprocessor", "preprocessor_config.json")
+    make_folder(tmp_path / "photos")
+    command = [sys.executable, "-m", "cluster.index_images", str(tmp_path / "photos"), "--out", str(tmp_path / "out")]
+    command += ["--model", str(tmp_path / model), "--address", ray_cluster]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert message.format(tmp=tmp_path) in result.stderr, result.stderr[-3000:]
+    assert "run the same command" not in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith(("then start", "error: "))  # the message ends it
 
 
 def test_object_storage_lists_like_the_local_folder(tmp_path: Path) -> None:

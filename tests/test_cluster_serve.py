@@ -43,6 +43,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 
 from cluster.front import PROXY_ENV, REPLICA_ENV
+from cluster.permanent import PermanentFailure, permanent_reason
 from cluster.serve import EmbeddingReplica, application, settings_from_args
 from common.config import ServiceSettings
 from common.contract import EmbeddingModel
@@ -167,15 +168,33 @@ def test_a_replica_health_says_the_dimension_under_both_names(tiny_siglip: Path,
 def test_a_replica_whose_model_fails_to_load_fails_to_start_saying_why(
     model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The start-up error is what `serve status` shows: it carries the reason and the download help. A hub id goes
-    the way of the standalone main (download when not cached; here the hub is off)."""
+    """As Serve starts a replica: the start-up ends once the load has failed, and the first health check fails with
+    the load error, which `serve status` shows (an error of the start-up itself would show there only as "ASGI
+    lifespan startup failed"): the reason and the download help, as a PermanentFailure, at which the front door
+    stops. A hub id goes the way of the standalone main (download when not cached; here the hub is off)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     replica = EmbeddingReplica("siglip2", Siglip2Settings(model=model, device="cpu"))
     app = replica.__serve_build_asgi_app__()
-    expected = f"(?s)did not load: Model not found: '{model}'.*hf download"
-    with pytest.raises(RuntimeError, match=expected), TestClient(app):
-        pass
+    expected = f"(?s)Model not found: '{model}'.*Download it first"
+    with TestClient(app), pytest.raises(PermanentFailure, match=expected) as failed:  # the start-up ends first
+        replica.check_health()
+    assert failed.value.reason.startswith(f"Model not found: '{model}'")
+
+
+def _load_out_of_memory(settings: ServiceSettings) -> EmbeddingModel:
+    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.usefixtures("quiet_replicas")
+def test_a_replica_whose_load_may_work_next_time_fails_to_start_as_worth_a_retry(tiny_siglip: Path) -> None:
+    """A load error of another kind (the card was full at that moment) fails the first health check too, as an error
+    Serve retries and the front door waits on."""
+    replica = EmbeddingReplica("siglip2", siglip_settings(tiny_siglip), load=_load_out_of_memory)
+    app = replica.__serve_build_asgi_app__()
+    with TestClient(app), pytest.raises(RuntimeError, match="the model did not load: CUDA out of memory") as failed:
+        replica.check_health()
+    assert not isinstance(failed.value, PermanentFailure) and permanent_reason(failed.value) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,8 +283,13 @@ def cluster(tiny_siglip: Path, tiny_zimage: Path, tmp_path_factory: pytest.TempP
     # process's environment (the front door's taken after ray.init, which adds what a driver needs to connect).
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SIGLIP2_MODEL", str(tiny_siglip))
-        ray.init(
-            num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=400 * 1024 * 1024, log_to_driver=False
+        ray.init(  # "local": a new Ray, never one a file left by `ray start` names (gone or not)
+            address="local",
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            object_store_memory=400 * 1024 * 1024,
+            log_to_driver=False,
         )
         env = dict(os.environ)
     address = ray.get_runtime_context().gcs_address

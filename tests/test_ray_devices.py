@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cluster.devices import Placement, apply_placement, place_on_ray_resources, placement
+from cluster.permanent import PermanentFailure, permanent_reason
 from cluster.pipeline import ImageEmbedder, read_image_spec
 from siglip2_embed import Siglip2Settings
 
@@ -34,8 +35,12 @@ def test_placement_follows_what_ray_assigned(device: str, assigned: dict[str, fl
 
 
 def test_an_explicit_cuda_without_a_ray_gpu_is_an_error() -> None:
-    with pytest.raises(RuntimeError, match="gave this actor no GPU"):
+    """Every replica or actor of the same options gets no GPU either: a permanent failure, at which the front door
+    stops and the import says why (cluster/permanent.py)."""
+    with pytest.raises(PermanentFailure, match="gave this actor no GPU") as raised:
         placement("cuda", {"CPU": 1.0})
+    assert permanent_reason(raised.value) == permanent_reason(str(raised.value)) == raised.value.reason
+    assert raised.value.reason.startswith("--device cuda was asked for")
 
 
 def test_a_gpu_share_caps_the_process_memory(monkeypatch: pytest.MonkeyPatch, tiny_siglip: Path) -> None:
@@ -55,7 +60,8 @@ def ray_with_one_gpu() -> Iterator[None]:
     """A local Ray that declares one GPU (none is used: the actors only report what they were given)."""
     import ray
 
-    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
+    # "local": a new Ray, never one a file left by `ray start` names (gone or not)
+    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
     try:
         yield
     finally:
