@@ -5,6 +5,7 @@ Every run uses its own free ports and log directory, so it never touches service
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from common.server import RotatingLogFile
 from tests.helpers import SERVICES, Scripts, cmdline, image_bytes, photo_like, service_pids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,3 +147,19 @@ def test_log_file_is_rotated_with_a_size_cap(tmp_path: Path) -> None:
     assert files == ["svc.log", *(f"svc.log.{n}" for n in range(1, 6))]  # the live file and 5 old ones, no more
     assert all(path.stat().st_size <= 2000 for path in log_file.parent.iterdir())
     assert "INFO test: request 499 " in log_file.read_text()  # timestamped lines, newest in the live file
+
+
+def test_the_rotated_log_has_every_line_once_in_order(tmp_path: Path) -> None:
+    log_file = tmp_path / "svc.log"
+    handler = RotatingLogFile(str(log_file), 2000, backups=20)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.Logger("test")
+    logger.addHandler(handler)
+    for index in range(300):
+        logger.info("request %d %s", index, "x" * 50)
+    handler.close()
+    files = [log_file.with_name(f"svc.log.{n}") for n in range(20, 0, -1) if (tmp_path / f"svc.log.{n}").exists()]
+    files.append(log_file)
+    assert len(files) > 5 and all(path.stat().st_size <= 2000 for path in files)
+    lines = "".join(path.read_text() for path in files).splitlines()  # oldest file first
+    assert lines == [f"request {index} {'x' * 50}" for index in range(300)]
