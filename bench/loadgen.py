@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -28,14 +29,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+
+
 @contextmanager
 def server_process(
     args: list[str], port: int, log: Path, timeout: float = 600, health_path: str = "/health"
 ) -> Iterator[str]:
     """Start ``python ARGS`` (a server on ``port``), wait for ``health_path`` 200, yield its URL, stop it by PID."""
+    with started_server(args, port, log, timeout, health_path) as server:
+        yield server.url
+
+
+@contextmanager
+def started_server(
+    args: list[str], port: int, log: Path, timeout: float = 600, health_path: str = "/health", cwd: Path = ROOT
+) -> Iterator[Server]:
+    """``server_process``, yielding the URL and the process id; ``cwd``: the checkout whose code it runs."""
     url = f"http://127.0.0.1:{port}"
     with log.open("w") as log_file:
-        process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -49,7 +65,7 @@ def server_process(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready after {timeout} s; see {log}")
             time.sleep(0.2)
-        yield url
+        yield Server(url, process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -57,6 +73,18 @@ def server_process(
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def _cpu_seconds(stat: Path) -> float:
+    text = stat.read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # the fields after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds so far of process ``pid`` (all its threads, ``/proc/PID/stat``) and of its main
+    thread alone (``/proc/PID/task/PID/stat``: an asyncio server's event loop)."""
+    return _cpu_seconds(Path(f"/proc/{pid}/stat")), _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
 @dataclass
@@ -113,6 +141,13 @@ async def _run_load(
 def run_load(name: str, make_request: Request, clients: int, requests: int, items_per_request: int = 1) -> LoadResult:
     """``clients`` concurrent connections send ``requests`` requests in total; a short warm-up is not counted."""
     asyncio.run(_run_load(name + " warm-up", make_request, clients, min(requests, clients * 2), items_per_request))
+    return run_load_once(name, make_request, clients, requests, items_per_request)
+
+
+def run_load_once(
+    name: str, make_request: Request, clients: int, requests: int, items_per_request: int = 1
+) -> LoadResult:
+    """``run_load`` without the warm-up (for a server that is warm already)."""
     return asyncio.run(_run_load(name, make_request, clients, requests, items_per_request))
 
 

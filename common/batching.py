@@ -125,6 +125,8 @@ class MicroBatcher(Generic[In, Out]):
             futures.append(pending.future)
         try:
             async with asyncio.timeout(self.timeout_s):
+                if len(futures) == 1:  # one item, as most requests have: its future itself, without gather's
+                    return [await futures[0]]
                 return list(await asyncio.gather(*futures))
         except TimeoutError:
             raise RequestTimeout(
@@ -139,20 +141,18 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         while True:
             batch = self._gathering = [await self._live_item()]
-            deadline = loop.time() + self.max_wait_s
-            while len(batch) < self.max_batch_size:
-                if not self._queue.empty():
-                    pending = self._queue.get_nowait()
-                    if not pending.future.done():
-                        batch.append(pending)
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._live_item(), remaining))
-                except TimeoutError:
-                    break
+            # One timer for the whole gathering, not one per wait (wait_for would even make each wait a task).
+            try:
+                async with asyncio.timeout_at(loop.time() + self.max_wait_s):
+                    while len(batch) < self.max_batch_size:
+                        if not self._queue.empty():
+                            pending = self._queue.get_nowait()
+                            if not pending.future.done():
+                                batch.append(pending)
+                            continue
+                        batch.append(await self._live_item())
+            except TimeoutError:
+                pass  # waited long enough: run what has come
             self._gathering = []
             await self._run(batch)
 

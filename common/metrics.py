@@ -51,6 +51,21 @@ class Metrics:
         self.wakes = Counter("embed_wakes", "Times the model woke, by reason (request, admin)", ["reason"], registry=r)
         self.wake_seconds = Histogram("embed_wake_seconds", "Time a wake took", buckets=WAKE_BUCKETS, registry=r)
         self.gpu_memory = Gauge("embed_gpu_memory_bytes", "CUDA memory held by this process", ["kind"], registry=r)
+        # The request counter's and latency's children by (route, status): looking a child up by its labels takes a
+        # lock and a tuple of strings, on every request. Routes are templates and statuses few, so this stays small.
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float, error_code: str | None) -> None:
+        """One answered request: counted by route and status (and error code, for an error), its latency by route."""
+        children = self._request_children.get((route, status))
+        if children is None:
+            children = self.requests.labels(route, str(status)), self.latency.labels(route)
+            self._request_children[(route, status)] = children
+        requests, latency = children
+        requests.inc()
+        latency.observe(seconds)
+        if error_code is not None:
+            self.errors.labels(route, error_code).inc()
 
     def observe_batch(self, batcher: str, size: int, waits: list[float], seconds: float) -> None:
         self.items.labels(batcher).inc(size)

@@ -273,10 +273,13 @@ class BatchedService:
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (a zero row stays zero)."""
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    # What np.linalg.norm(vectors, axis=-1, keepdims=True) computes for real rows, the same numbers, without its
+    # checks: for a request's one vector those cost more than the arithmetic.
+    norms = np.sqrt(np.add.reduce(vectors * vectors, axis=-1, keepdims=True))
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
 def stack_rows(rows: Sequence[np.ndarray], normalize: bool) -> np.ndarray:
-    matrix = np.stack(rows).astype(np.float32, copy=False)
+    """A request's rows as one float32 matrix (np.array, not np.stack: the same rows, several times faster)."""
+    matrix = np.array(rows).astype(np.float32, copy=False)
     return l2_normalize(matrix) if normalize else matrix

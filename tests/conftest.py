@@ -113,12 +113,15 @@ def _all_loggers() -> list[logging.Logger]:
 @pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
     """Tests that call a service's ``main()`` in-process run its ``configure_logging``: it replaces the root logger's
-    handlers with a StreamHandler bound to the stderr pytest captured for that test, sets levels and turns off
-    transformers' progress bars. Once that stderr is closed, every later log record would print "--- Logging error
-    ---". Put the root logger, every logger that existed, and transformers' logging state back as they were."""
+    handlers with a StreamHandler bound to the stderr pytest captured for that test, sets levels, stops collecting
+    the record fields its format does not use and turns off transformers' progress bars. Once that stderr is closed,
+    every later log record would print "--- Logging error ---". Put the root logger, every logger that existed,
+    the record fields and transformers' logging state back as they were."""
     loggers = {id(logger): _LoggerState.of(logger) for logger in _all_loggers()}
     progress_bar = transformers_logging.is_progress_bar_enabled()
+    fields = logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile
     yield
+    logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile = fields
     for state in loggers.values():
         state.restore()
     if progress_bar:

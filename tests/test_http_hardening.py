@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message
 
 import common.api.json_body
+import common.api.middleware
 import common.server
 from common.api.json_body import PARSE_IN_THREAD_BYTES
 from qwen3_embed import Qwen3Settings
@@ -290,6 +291,22 @@ def test_a_loopback_service_answers_only_loopback_host_names(loopback_client: Te
             client.post("/embed/text", json={"text": "a"}, headers={"Host": host}),
         ):
             assert_error(response, 400, "invalid_host")
+
+
+def test_the_host_check_answers_the_same_when_asked_again(loopback_client: TestClient) -> None:
+    """The guard keeps what it learnt about an address (parsing one costs microseconds, on every request): each
+    answer is the first one, an address longer than the cache keeps is still judged, and made-up names, however
+    many, do not grow the cache past its bound."""
+    client = loopback_client
+    long_address = "[::1%" + "a" * 100 + "]"  # an IPv6 loopback address with a scope id, too long to be cached
+    for _ in range(3):
+        for host in ("127.0.0.1:6011", "[::1]:6011", long_address):
+            assert client.get("/info", headers={"Host": host}).status_code == 200, host
+        assert_error(client.get("/info", headers={"Host": "evil.example"}), 400, "invalid_host")
+    for index in range(300):
+        assert_error(client.get("/info", headers={"Host": f"10.0.{index}.1.evil.example"}), 400, "invalid_host")
+    cache = common.api.middleware._parse_ip.cache_info()
+    assert cache.maxsize is not None and cache.currsize <= cache.maxsize
 
 
 def test_allowed_hosts_is_the_list_of_names(tiny_zimage: Path) -> None:

@@ -61,3 +61,32 @@ def test_counters_move(client: TestClient) -> None:
     # unknown paths share one label instead of growing the label set
     client.get("/does/not/exist/123")
     assert value(samples(client), "embed_requests_total", route="unmatched", status="404") >= 1
+
+
+def test_each_route_and_status_counts_its_own_requests(client: TestClient) -> None:
+    """The access log keeps each route's and status's counters at hand: every request still counts once, under its
+    own route and status (and error code), and its latency under its route."""
+    auth = {"Authorization": "Bearer k"}
+    before = samples(client)
+    bodies: list[dict[str, list[str]]] = [
+        {"texts": ["a"]},
+        {"texts": []},
+        {"texts": ["b"]},
+        {"texts": []},
+        {"texts": ["c"]},
+    ]
+    for body in bodies:
+        client.post("/embed/texts", json=body, headers=auth)
+    client.post("/embed/text", json={"text": "a"}, headers=auth)
+    after = samples(client)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("embed_requests_total", route="/embed/texts", status="200") == 3
+    assert moved("embed_requests_total", route="/embed/texts", status="422") == 2
+    assert moved("embed_errors_total", route="/embed/texts", code="invalid_request") == 2
+    assert moved("embed_requests_total", route="/embed/text", status="200") == 1
+    assert moved("embed_errors_total", route="/embed/text", code="invalid_request") == 0
+    assert moved("embed_request_seconds_count", route="/embed/texts") == 5
+    assert moved("embed_request_seconds_count", route="/embed/text") == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from common.server import RotatingLogFile
 from tests.helpers import SERVICES, Scripts, cmdline, image_bytes, photo_like, service_pids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,3 +205,19 @@ def test_a_port_in_use_names_the_process_that_holds_it(scripts: Scripts) -> None
         result = scripts.run("start_all.sh", "--tiny", "qwen3")
     assert result.returncode == 1
     assert f"port {port} is already in use by" in result.stderr and f"pid={os.getpid()}" in result.stderr
+
+
+def test_the_rotated_log_has_every_line_once_in_order(tmp_path: Path) -> None:
+    log_file = tmp_path / "svc.log"
+    handler = RotatingLogFile(str(log_file), 2000, backups=20)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.Logger("test")
+    logger.addHandler(handler)
+    for index in range(300):
+        logger.info("request %d %s", index, "x" * 50)
+    handler.close()
+    files = [log_file.with_name(f"svc.log.{n}") for n in range(20, 0, -1) if (tmp_path / f"svc.log.{n}").exists()]
+    files.append(log_file)
+    assert len(files) > 5 and all(path.stat().st_size <= 2000 for path in files)
+    lines = "".join(path.read_text() for path in files).splitlines()  # oldest file first
+    assert lines == [f"request {index} {'x' * 50}" for index in range(300)]

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.middleware import Middleware
@@ -121,14 +122,22 @@ class Runtime:
 # -- dependencies -----------------------------------------------------------------------------------------------
 
 
-def runtime_of(request: Request) -> Runtime:
+# The dependencies are coroutines although they never wait: FastAPI runs a plain function dependency in its thread
+# pool, a hand-off to another thread and back for every request.
+
+
+def the_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def ready_model(request: Request) -> EmbeddingModel:
+async def runtime_of(request: Request) -> Runtime:
+    return the_runtime(request)
+
+
+async def ready_model(request: Request) -> EmbeddingModel:
     """The loaded model, or 503 while loading."""
-    runtime = runtime_of(request)
+    runtime = the_runtime(request)
     if runtime.model is None or runtime.status != "ok":
         raise NotReady(f"model is {runtime.status}; retry when GET /health answers 200", headers={"Retry-After": "5"})
     return runtime.model
@@ -259,6 +268,10 @@ async def info(runtime: Annotated[Runtime, Depends(runtime_of)]) -> ServiceInfo 
 
 # -- the factory ------------------------------------------------------------------------------------------------
 
+# FastAPI's OpenTelemetry hooks off: the services' metrics are Prometheus's (/metrics) and their request log is the
+# access log; on, FastAPI looks up the global tracer, meter and logger providers on every request.
+NO_OPENTELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+
 # Paths that hold no inputs or vectors and never need a key (the OpenAPI pages, not routes of ours, show the API, not
 # data).
 UNPROTECTED_PATHS = frozenset({"/health", "/metrics"})
@@ -337,7 +350,13 @@ def create_app(
             if runtime.model is not None:
                 await runtime.model.stop()
 
-    app = FastAPI(title=title, version=SERVICE_VERSION, lifespan=lifespan, default_response_class=FastJSONResponse)
+    app = FastAPI(
+        title=title,
+        version=SERVICE_VERSION,
+        lifespan=lifespan,
+        default_response_class=FastJSONResponse,
+        telemetry=NO_OPENTELEMETRY,
+    )
     app.state.runtime = runtime
     install_error_handlers(app)
     paths = route_paths(service_routers(routers))

@@ -16,6 +16,7 @@ their front door): memory freed after a large body is handed back to the system.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import logging
@@ -172,10 +173,7 @@ class AccessLog(HTTPMiddleware):
             if status == 500:
                 state.setdefault("error_code", "internal_error")  # a 500 from anywhere is counted
             route = self.route_template(scope)
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            if "error_code" in state:
-                self.metrics.errors.labels(route, state["error_code"]).inc()
+            self.metrics.observe_request(route, status, elapsed, state.get("error_code"))
             access_logger.info(
                 "%s %s %d items=%s %.1fms id=%s",
                 scope["method"],
@@ -291,12 +289,28 @@ def _host_name(host: str) -> str:
     return name if colon and port.isdigit() else host
 
 
-def _is_ip(name: str) -> bool:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Longer than any IP address's text (an IPv6 address with an IPv4 tail and a scope id): never cached.
+MAX_CACHED_ADDRESS_CHARS = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_ip(text: str) -> IPAddress | None:
     try:
-        ipaddress.ip_address(name)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _ip(text: str) -> IPAddress | None:
+    """``text`` as an IP address, or None. Cached: the guard asks about the same few texts on every request (the
+    service's own address, the clients' Host names) and parsing one costs microseconds; the cache is bounded in
+    entries and in their length, so names a client makes up cannot grow it."""
+    return _parse_ip(text) if len(text) <= MAX_CACHED_ADDRESS_CHARS else _parse_ip.__wrapped__(text)
+
+
+def _is_ip(name: str) -> bool:
+    return _ip(name) is not None
 
 
 def is_loopback(host: str) -> bool:
@@ -305,10 +319,8 @@ def is_loopback(host: str) -> bool:
     name = host.rstrip(".")
     if name == "localhost" or name.endswith(".localhost"):
         return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    ip = _ip(name)
+    return ip is not None and ip.is_loopback
 
 
 def host_allowed(name: str, patterns: Collection[str]) -> bool:
