@@ -300,7 +300,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cluster.front import PROXY_ENV, REPLICA_ENV
+    from cluster.front.config import PROXY_ENV, REPLICA_ENV
 
     as_front_door = args.proxy_malloc == "front-door"
     controller_options = {"runtime_env": {"env_vars": PROXY_ENV}} if as_front_door else None

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from cluster.front import PROXY_ENV, REPLICA_ENV
+from cluster.front.config import PROXY_ENV, REPLICA_ENV
 
 SETTINGS = {"default": REPLICA_ENV["GLIBC_TUNABLES"], "fixed threshold": PROXY_ENV["GLIBC_TUNABLES"]}
 

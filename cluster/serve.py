@@ -19,7 +19,7 @@ another. A model that cannot load for good (no such model, another kind, broken 
 model turns unhealthy (a broken device), and Serve replaces the replica. So whichever replica answers a request, its
 model is loaded, and ``GET /health`` is that replica's own answer: a node whose requests are served stays in a load
 balancer's rotation while one replica of several is lost or replaced. While no replica of an application is
-running, Serve's proxy holds requests (``/health`` included) until one is; the front door (cluster/front.py) answers
+running, Serve's proxy holds requests (``/health`` included) until one is; the front door (cluster/front/) answers
 503 then.
 
 The builders' ``args`` are the services' settings, under the names of their flags (``max_batch_size`` or

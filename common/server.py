@@ -276,13 +276,17 @@ def limited_server(app: ASGIApp, settings: ServiceSettings, runtime: Runtime | N
     return EmbedServer(config, runtime, settings.shutdown_timeout_s)
 
 
+def warn_if_keyless(host: str, keyless: bool) -> None:
+    """The warning for a server others can reach (the services and the Ray front door) that has no API key."""
+    if keyless and not is_loopback(host):
+        logger.warning(
+            "listening on %s without an API key: anyone who can reach this port can use it (set EMBED_API_KEY)", host
+        )
+
+
 def warn_about_keys(settings: ServiceSettings) -> None:
     """Say at start who may use the service and who may take its model away (sleep, hold)."""
-    if not is_loopback(settings.host) and settings.api_key is None:
-        logger.warning(
-            "listening on %s without an API key: anyone who can reach this port can use it (set EMBED_API_KEY)",
-            settings.host,
-        )
+    warn_if_keyless(settings.host, keyless=settings.api_key is None)
     if settings.admin_key is not None:
         return
     if settings.api_key is not None:

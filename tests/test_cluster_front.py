@@ -1,4 +1,4 @@
-"""The front door of the Serve deployment (cluster/front.py), the pieces that need no Ray: what the config files ask
+"""The front door of the Serve deployment (cluster/front/), the pieces that need no Ray: what the config files ask
 of the cluster, the config Serve gets, ``/health`` from what Serve's controller says, the permanent failures found in
 what Serve says (cluster/permanent.py, cluster/startup_watch.py) and ``--tiny``'s models. The front door itself, on a
 local Ray, is tested in test_cluster_serve.py and test_cluster_local.py."""
@@ -18,20 +18,16 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 
-from cluster.front import (
+from cluster.front.config import (
     PROXY_ENV,
     REPLICA_ENV,
-    DeploymentStatus,
-    HealthWhileNoReplicaRuns,
-    ResourceAsk,
-    ServeStatus,
     front_door_settings,
     fronted_apps,
-    missing_resources,
-    resource_asks,
     serve_config_behind,
     with_models,
 )
+from cluster.front.health import DeploymentStatus, HealthWhileNoReplicaRuns, ServeStatus
+from cluster.front.resources import ResourceAsk, missing_resources, resource_asks
 from cluster.permanent import PermanentFailure, permanent_reason
 from cluster.startup_watch import StartupWatch
 from common.loading import BrokenWeights, ModelNotFound, WrongModel
@@ -177,7 +173,7 @@ def test_health_is_503_while_no_replica_runs(answer: DeploymentStatus, expected:
 def test_health_is_a_replicas_own_while_one_runs(
     answer: DeploymentStatus | Exception, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("cluster.front.STATUS_TTL_S", 60.0)  # a loaded machine may take a second for 20 requests
+    monkeypatch.setattr("cluster.front.health.STATUS_TTL_S", 60.0)  # a loaded machine may take a second for 20 requests
     controller = ScriptedController(answer)
     client = health_client(controller)
     for _ in range(20):
@@ -190,7 +186,7 @@ def test_health_does_not_wait_on_a_controller_that_never_answers(monkeypatch: py
     """serve.status() waits on a controller that is down or restarting without a timeout of its own; load balancers'
     probes must not pile up behind it (each would hold one of the front door's connections). After STATUS_TIMEOUT_S
     the status is unknown, and a replica answers for itself, as when the controller fails."""
-    monkeypatch.setattr("cluster.front.STATUS_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("cluster.front.health.STATUS_TIMEOUT_S", 0.5)
     released = threading.Event()
 
     def silent_controller() -> dict[str, dict[str, DeploymentStatus]]:

@@ -268,7 +268,7 @@ def test_the_front_door_serves_tiny_models_saying_so(front_door_on_its_own_ray: 
         assert health["tiny"] is True and health["dimension"] == 32, health
     vector = requests.post(f"{base}/qwen3/embed/text", json={"text": "a cat"}, timeout=30).json()["embedding"]
     assert len(vector) == 32
-    builder = hashlib.sha256((ROOT / "tests" / "tiny_models.py").read_bytes()).hexdigest()[:12]
+    builder = hashlib.sha256((ROOT / "common" / "tiny_models.py").read_bytes()).hexdigest()[:12]
     built = ROOT / ".cache" / "tiny-models" / builder
     assert sorted(p.name for p in built.iterdir()) == ["qwen3", "siglip", "zimage"]
     assert TINY_BANNER in front_door_on_its_own_ray.log.read_text()

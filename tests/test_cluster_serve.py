@@ -1,4 +1,4 @@
-"""The services on Ray Serve (cluster/serve.py, cluster/front.py, cluster/serve_config*.yaml).
+"""The services on Ray Serve (cluster/serve.py, cluster/front/, cluster/serve_config*.yaml).
 
 A local Ray (2 CPUs, no GPU, as on a laptop) gets both applications, 2 replicas each, from the CPU config file
 through ``python -m cluster.front``, as a user would start them: Serve, and the front door on the config's port.
@@ -42,7 +42,7 @@ import yaml
 from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 
-from cluster.front import PROXY_ENV, REPLICA_ENV
+from cluster.front.config import PROXY_ENV, REPLICA_ENV
 from cluster.permanent import PermanentFailure, permanent_reason
 from cluster.serve import EmbeddingReplica, application, settings_from_args
 from common.config import ServiceSettings

@@ -302,7 +302,7 @@ def body_paths(routers: Sequence[APIRouter]) -> frozenset[str]:
 def request_checks(settings: ServiceSettings, protected_paths: Collection[str]) -> list[Middleware]:
     """The checks a request passes before it reaches a route, outermost first: CORS (when origins are set), the body
     limits (size, read time), then the guard (Host, Origin, API key on ``protected_paths``, from the headers alone).
-    The standalone app and the Ray Serve front door (cluster/front.py) both run exactly these, from the same
+    The standalone app and the Ray Serve front door (cluster/front/) both run exactly these, from the same
     settings, so a deployment under Serve holds the standalone service's bounds by construction."""
     checks = []
     if settings.cors_origins:
