@@ -12,7 +12,6 @@ and ``load``. The routes and the server are shared, in ``common/``.
 
 from __future__ import annotations
 
-import asyncio
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -93,7 +92,10 @@ class Qwen3Settings(ServiceSettings):
     )
     max_length: int = Field(Qwen3Recipe.max_length, ge=1, description="tokens per text; longer texts are truncated")
     max_batch_tokens: int = Field(
-        16384, ge=1, description="padded tokens per forward pass; a batch of long texts is split to stay under it"
+        16384,
+        ge=1,
+        description="padded tokens per forward pass: the batcher forms no batch whose size times its longest text's "
+        "tokens could be more (a text counts its template's tokens plus its UTF-8 bytes, at most max_length)",
     )
     max_token_states_bytes: int = Field(
         64 * MB,
@@ -148,7 +150,6 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
         dtype: torch.dtype,
         recipe: Qwen3Recipe = Qwen3Recipe(),
         *,
-        max_batch_tokens: int = 16384,
         compile_model: bool = False,
         compile_backend: str = "inductor",
     ) -> None:
@@ -175,7 +176,6 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
         self.device = device
         self.dtype = dtype
         self.recipe = recipe
-        self.max_batch_tokens = max_batch_tokens
         self.compile_model = compile_model
         self.compile_backend = compile_backend
         self.model = self.load_model()
@@ -186,6 +186,7 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.template_tokens = len(self.tokenize([""])[0])
 
     def warm_up(self) -> None:
         """A batch of 1 and a padded batch of 2: a compiled model compiles both graphs it needs now, at start-up,
@@ -255,18 +256,12 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
         """Per text, the tokens the model reads (template included, truncated): the rows of its token states."""
         return [len(ids) for ids in self.tokenize(texts)]
 
-    def _chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:
-        """Consecutive runs of the length-sorted texts whose padded size stays under max_batch_tokens."""
-        chunks: list[list[int]] = []
-        current: list[int] = []
-        for index in order:  # longest first, so the first item of a chunk sets its padded length
-            if current and (len(current) + 1) * lengths[current[0]] > self.max_batch_tokens:
-                chunks.append(current)
-                current = []
-            current.append(index)
-        if current:
-            chunks.append(current)
-        return chunks
+    def token_bound(self, item: TextItem) -> int:
+        """At least the tokens the model reads for ``item`` (its batch cost), without the tokenizer, so that the
+        event loop can reckon it: the template's tokens plus the text's UTF-8 bytes (a byte-level BPE token holds at
+        least one byte; an NFC normalisation that lengthens a text is rare and small), at most max_length."""
+        text = item.text if isinstance(item, TokenStatesOf) else item
+        return min(self.recipe.max_length, self.template_tokens + len(text.encode("utf-8", "surrogatepass")))
 
     @torch.inference_mode()
     def encode(self, items: Sequence[TextItem]) -> list[np.ndarray | torch.Tensor]:
@@ -276,32 +271,31 @@ class Qwen3Encoder(SwappableWeights["Qwen3Model"]):
         texts = [item.text if isinstance(item, TokenStatesOf) else item for item in items]
         token_ids = self.tokenize(texts)
         lengths = [len(ids) for ids in token_ids]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        # One pass, padded to the longest text, not to max_length: same numbers, far less work. (The batcher keeps
+        # a batch within max_batch_tokens: Qwen3Service.)
+        padded = self.tokenizer.pad({"input_ids": token_ids}, return_tensors="pt")
+        input_ids = padded["input_ids"].to(self.device)
+        mask = padded["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         rows: list[Any] = [None] * len(texts)
-        text_positions = self.text_positions(texts) if self.recipe.pooling == "mean_text" else None
-        for chunk in self._chunks(order, lengths):
-            # Pad to the longest text of the chunk, not to max_length: same numbers, far less work.
-            padded = self.tokenizer.pad({"input_ids": [token_ids[i] for i in chunk]}, return_tensors="pt")
-            input_ids = padded["input_ids"].to(self.device)
-            mask = padded["attention_mask"].to(self.device)
-            hidden = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-            pooled = [row for row, index in enumerate(chunk) if not isinstance(items[index], TokenStatesOf)]
-            for row, index in enumerate(chunk):
-                if isinstance(items[index], TokenStatesOf):
-                    # Right padding: a text's own tokens are its first lengths[index] positions. A copy, so that the
-                    # padded batch is not kept alive by a view of it.
-                    rows[index] = hidden[row, : lengths[index]].to("cpu", copy=True)
-            if not pooled:
-                continue
-            if len(pooled) < len(chunk):
-                hidden, mask = hidden[pooled], mask[pooled]
-            if text_positions is not None:  # pool over the text's own tokens only
-                mask = torch.zeros_like(mask)
-                for row, chunk_row in enumerate(pooled):
-                    mask[row, text_positions[chunk[chunk_row]]] = 1
-            vectors = self._pool(hidden.float(), mask).cpu().numpy()
-            for chunk_row, vector in zip(pooled, vectors, strict=True):
-                rows[chunk[chunk_row]] = vector
+        pooled = [index for index, item in enumerate(items) if not isinstance(item, TokenStatesOf)]
+        for index, item in enumerate(items):
+            if isinstance(item, TokenStatesOf):
+                # Right padding: a text's own tokens are its first lengths[index] positions. A copy, so that the
+                # padded batch is not kept alive by a view of it.
+                rows[index] = hidden[index, : lengths[index]].to("cpu", copy=True)
+        if not pooled:
+            return rows
+        if len(pooled) < len(items):
+            hidden, mask = hidden[pooled], mask[pooled]
+        if self.recipe.pooling == "mean_text":  # pool over the text's own tokens only
+            positions = self.text_positions([texts[index] for index in pooled])
+            mask = torch.zeros_like(mask)
+            for row, text_positions in enumerate(positions):
+                mask[row, text_positions] = 1
+        vectors = self._pool(hidden.float(), mask).cpu().numpy()
+        for index, vector in zip(pooled, vectors, strict=True):
+            rows[index] = vector
         return rows
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -339,6 +333,8 @@ class Qwen3Service(BatchedService):
             device=device_label,
             dtype_reason=dtype_reason,
             run_texts=encoder.encode,  # vectors and per-token states share the text batches
+            text_cost=encoder.token_bound,
+            max_text_batch_cost=settings.max_batch_tokens,
         )
         self.settings: Qwen3Settings = settings
         self.encoder = encoder
@@ -358,8 +354,7 @@ class Qwen3Service(BatchedService):
         batcher: a batch may hold them and vectors together. 413 before any work when the answer, at
         ``value_bytes`` a value, would be larger than max_token_states_bytes."""
         self.check_texts(texts)
-        counting = asyncio.get_running_loop().run_in_executor(self.model_worker, self.encoder.token_counts, texts)
-        tokens = sum(await counting)  # on the model's worker, like every call of its tokenizer
+        tokens = sum(await self.runtime.run(self.encoder.token_counts, texts))  # the worker: it owns the tokenizer
         size = tokens * self.dimension * value_bytes
         limit = self.settings.max_token_states_bytes
         if size > limit:
@@ -368,7 +363,7 @@ class Qwen3Service(BatchedService):
                 f"the limit is {limit_hint('max_token_states_bytes', limit)}: send fewer or shorter texts per "
                 "request (or ask for the safetensors format, which is smaller than JSON)"
             )
-        async with self.residency.in_use():
+        async with self.runtime.residency.in_use():
             rows = await self.text_batcher.submit([TokenStatesOf(text) for text in texts])
         return cast(list[torch.Tensor], rows)
 
@@ -384,7 +379,7 @@ class Qwen3Service(BatchedService):
                 "truncated",
                 "normalize_default": True,
             },
-            "max_batch_tokens": encoder.max_batch_tokens,
+            "max_batch_tokens": self.settings.max_batch_tokens,
         }
 
 
@@ -413,7 +408,6 @@ def load(settings: Qwen3Settings) -> Qwen3Service:
             device,
             dtype.dtype,
             settings.recipe(),
-            max_batch_tokens=settings.max_batch_tokens,
             compile_model=settings.compile,
         )
     encoder.warm_up()

@@ -9,6 +9,7 @@ batching and image decoding around it, and ``load``. The routes and the server a
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from common.residency import SwappableWeights
 from common.server import ServiceDefinition
 from common.service import BatchedService, stack_rows
 from common.services import SERVICES
+from embed_client.formats import is_image_data_uri
 
 if TYPE_CHECKING:
     from transformers import SiglipModel
@@ -216,11 +218,41 @@ class Siglip2Service(BatchedService):
         self.decoder = DecodePool(
             self.image_spec, settings.max_image_bytes, threads=settings.decode_threads or os.cpu_count() or 1
         )
-        self.image_batcher: MicroBatcher[np.ndarray, np.ndarray] = self.make_batcher(encoder.embed_images, "images")
+        self.image_batcher: MicroBatcher[np.ndarray, np.ndarray] = self.runtime.batcher(encoder.embed_images, "images")
+        self.runtime.on_stop(self.decoder.shutdown)
 
-    async def stop(self) -> None:
-        await super().stop()
-        self.decoder.shutdown()
+    async def embed_images(self, images: Sequence[EncodedImage], normalize: bool) -> np.ndarray:
+        self.check_count(len(images), "images")
+        async with self.runtime.residency.in_use():
+            return await self._embed_checked_images(images, normalize)
+
+    async def embed_texts_and_images(
+        self, texts: Sequence[str], images: Sequence[EncodedImage]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Both lists at once (texts checked before any image is decoded), L2-normalised, for cross-modal scores."""
+        self.check_texts(texts)
+        self.check_count(len(images), "images")
+        async with self.runtime.residency.in_use():
+            text_vectors, image_vectors = await asyncio.gather(
+                self.embed_checked_texts(texts, True), self._embed_checked_images(images, True)
+            )
+        return text_vectors, image_vectors
+
+    async def embed_inputs(self, inputs: Sequence[str], normalize: bool) -> tuple[np.ndarray, int]:
+        """The OpenAI route: data:image/... URIs are images, everything else is text."""
+        self.check_count(len(inputs), "inputs")
+        image_rows = [i for i, item in enumerate(inputs) if is_image_data_uri(item)]
+        text_rows = sorted(set(range(len(inputs))) - set(image_rows))
+        texts = [inputs[i] for i in text_rows]
+        self.check_text_contents(texts)
+        vectors = np.empty((len(inputs), self.dimension), dtype=np.float32)
+        tokens = 0
+        async with self.runtime.residency.in_use():
+            if image_rows:
+                vectors[image_rows] = await self._embed_checked_images([inputs[i] for i in image_rows], normalize)
+            if texts:
+                vectors[text_rows], tokens = await self.embed_checked_input_texts(texts, normalize)
+        return vectors, tokens
 
     async def _embed_checked_images(self, images: Sequence[EncodedImage], normalize: bool) -> np.ndarray:
         """Image files as bytes, or as base64 text (raw or data URI); decoded in the pool, never on the loop."""

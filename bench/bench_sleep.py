@@ -107,7 +107,7 @@ async def run_cycles(kind: str, model: Path, cycles: int, images: bool) -> list[
         t0 = time.perf_counter()
         await request()
         awake_s.append(time.perf_counter() - t0)
-    residency = service.residency
+    residency = service.runtime.residency
     asleep_rss, first_s, wake_s, sleep_s = [], [], [], []
     for _ in range(cycles):
         sleep_s.append((await residency.sleep("admin")).seconds)

@@ -1,9 +1,12 @@
 """A micro-batcher: items from many concurrent requests share one forward pass.
 
 Callers ``await batcher.submit(items)``; a loop gathers queued items until ``max_batch_size`` of them are waiting or
-``max_wait_s`` has passed since the first, then runs ``run_batch`` on one worker thread (the model's only one) and
-hands each caller back exactly its own rows, in order. A batch that raises is split in halves and retried, so a
-bad item (or a batch too big for GPU memory) fails only the requests it belongs to. A batch whose rows failed on
+``max_wait_s`` has passed since the first (or the next item would take the batch past ``max_batch_cost``), then runs
+``run_batch`` on one worker thread (the model's only one) and hands each caller back exactly its own rows, in order.
+A batch's cost is its size times the largest ``cost`` of its items: what a batch padded to its longest item computes
+(text-embeddings-inference batches by such a budget of padded tokens), so the batch formed is the pass that runs.
+A batch that raises is split in halves and retried, so a bad item (or a batch too big for GPU memory) fails only
+the requests it belongs to. A batch whose rows failed on
 their own (``RowsFailed``: a NaN vector is its input's alone) is not run again: each caller gets its rows' results
 or errors from that one pass.
 
@@ -64,7 +67,11 @@ class MicroBatcher(Generic[In, Out]):
         max_queue: int = 1_000_000,
         timeout_s: float | None = None,
         name: str = "batch",
+        cost: Callable[[In], int] | None = None,
+        max_batch_cost: int | None = None,
     ) -> None:
+        """``cost``: an item's cost (an upper bound of its padded length, say), reckoned on the event loop, so cheap;
+        an item whose cost alone is over ``max_batch_cost`` runs on its own."""
         self._run_batch = run_batch
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -72,10 +79,14 @@ class MicroBatcher(Generic[In, Out]):
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.name = name
+        self._cost = cost
+        self.max_batch_cost = max_batch_cost
         self.observer: BatchObserver | None = None
         self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue()
         # Items taken from the queue for the next batch, while it waits for more (not running yet).
         self._gathering: list[_Pending[In, Out]] = []
+        # The item that would have taken the last batch past max_batch_cost: the next batch's first.
+        self._carried: _Pending[In, Out] | None = None
         self._closed: str | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -97,8 +108,9 @@ class MicroBatcher(Generic[In, Out]):
         """Fail every item that is not running yet, and every later ``submit``, with 503 ``not_ready``; the batch
         on the model now still finishes."""
         self._closed = reason
-        waiting = [*self._gathering, *(self._queue.get_nowait() for _ in range(self._queue.qsize()))]
-        self._gathering = []
+        carried = [self._carried] if self._carried is not None else []
+        waiting = [*self._gathering, *carried, *(self._queue.get_nowait() for _ in range(self._queue.qsize()))]
+        self._gathering, self._carried = [], None
         for pending in waiting:
             if not pending.future.done():
                 pending.future.set_exception(self._not_ready())
@@ -140,24 +152,39 @@ class MicroBatcher(Generic[In, Out]):
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = self._gathering = [await self._live_item()]
+            first = await self._live_item()
+            batch = self._gathering = [first]
+            widest = self._cost_of(first)
             # One timer for the whole gathering, not one per wait (wait_for would even make each wait a task).
             try:
                 async with asyncio.timeout_at(loop.time() + self.max_wait_s):
                     while len(batch) < self.max_batch_size:
-                        if not self._queue.empty():
+                        if self._queue.empty():
+                            pending = await self._live_item()
+                        else:
                             pending = self._queue.get_nowait()
-                            if not pending.future.done():
-                                batch.append(pending)
-                            continue
-                        batch.append(await self._live_item())
+                            if pending.future.done():
+                                continue
+                        wider = max(widest, self._cost_of(pending))
+                        if self.max_batch_cost is not None and (len(batch) + 1) * wider > self.max_batch_cost:
+                            self._carried = pending  # it starts the next batch
+                            break
+                        batch.append(pending)
+                        widest = wider
             except TimeoutError:
                 pass  # waited long enough: run what has come
             self._gathering = []
             await self._run(batch)
 
+    def _cost_of(self, pending: _Pending[In, Out]) -> int:
+        return 0 if self._cost is None else self._cost(pending.item)
+
     async def _live_item(self) -> _Pending[In, Out]:
-        """The next queued item whose caller still waits (rows of callers that are gone are dropped here)."""
+        """The next item whose caller still waits (rows of callers that are gone are dropped here): the one the
+        last batch could not take, else the queue's next."""
+        carried, self._carried = self._carried, None
+        if carried is not None and not carried.future.done():
+            return carried
         while True:
             pending = await self._queue.get()
             if not pending.future.done():

@@ -3,23 +3,24 @@ rely on, whatever the model is.
 
 A model states which inputs it embeds (``modalities``); asking it for another kind is a 400, never a silent
 misuse (a data URI embedded as text, say). The encoder classes behind it stay pure (batch in, numpy out; no HTTP,
-no asyncio); the class that satisfies this contract adds the asyncio side: batching, decoding, input checks.
+no asyncio); the class that satisfies this contract adds the input checks and decoding, and says what its runtime
+(common.runtime) batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.batching import MicroBatcher
 from common.config import Modality, ServiceSettings
-from common.residency import Residency
 
 if TYPE_CHECKING:
     import torch
+
+    from common.runtime import ModelRuntime
 
 # Raw base64 or a data:image/... URI (JSON routes), or the bytes of an uploaded file (multipart routes).
 EncodedImage = bytes | str
@@ -47,7 +48,8 @@ class ModelInfo(BaseModel):
 
 
 class EmbeddingModel(Protocol):
-    """A loaded model behind the HTTP routes."""
+    """A loaded model behind the HTTP routes: what it is, and its batch methods (checked, then run through its
+    runtime, which the app starts, watches and stops)."""
 
     model_name: str
     dimension: int
@@ -59,21 +61,13 @@ class EmbeddingModel(Protocol):
     tiny: bool
     # Of the model's files (common.identity): with the version, what an index made by this model records.
     fingerprint: str
-    # False once the device keeps failing: /health turns 503 so a supervisor restarts the process.
-    healthy: bool
-    # Every batcher that feeds the model, so the app can export their queue depths and batch sizes.
-    batchers: list[MicroBatcher[Any, Any]]
-    # Whether the weights are on the device; sleeps when idle or asked, wakes on the next request.
-    residency: Residency
+    # Its worker, batchers, residency and health.
+    runtime: ModelRuntime
 
     @property
     def settings(self) -> ServiceSettings:
         """The limits the routes enforce come from here."""
         ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
 
     def info(self) -> ModelInfo: ...
 
@@ -89,8 +83,16 @@ class EmbeddingModel(Protocol):
         """Texts -> ``(n, dimension)`` float32 in input order."""
         ...
 
+    async def embed_inputs(self, inputs: Sequence[str], normalize: bool) -> tuple[np.ndarray, int]:
+        """The OpenAI route's inputs -> vectors in input order, and the number of tokens the model read."""
+        ...
+
+
+class ImageModel(EmbeddingModel, Protocol):
+    """A model that reads images too (``"image"`` in its modalities), in the same space as its texts."""
+
     async def embed_images(self, images: Sequence[EncodedImage], normalize: bool) -> np.ndarray:
-        """Encoded images -> ``(n, dimension)`` float32 in input order; 400 on a model without images."""
+        """Encoded images -> ``(n, dimension)`` float32 in input order."""
         ...
 
     async def embed_texts_and_images(
@@ -99,12 +101,8 @@ class EmbeddingModel(Protocol):
         """Both at once, L2-normalised, texts checked before any image is decoded (for cross-modal scores)."""
         ...
 
-    async def embed_inputs(self, inputs: Sequence[str], normalize: bool) -> tuple[np.ndarray, int]:
-        """The OpenAI route's inputs -> vectors in input order, and the number of tokens the model read."""
-        ...
-
     def pair_probabilities(self, cosine: np.ndarray) -> np.ndarray:
-        """Text/image cosine similarities -> the model's match probabilities; 400 on a model without images."""
+        """Text/image cosine similarities -> the model's match probabilities."""
         ...
 
 

@@ -177,9 +177,7 @@ def text_app(model: Path, *, wrap_texts: Wrapper | None = None, **overrides: Any
     settings = Qwen3Settings(model=str(model), **overrides)
 
     def load() -> Qwen3Service:
-        encoder = Qwen3Encoder(
-            str(model), CPU, torch.float32, settings.recipe(), max_batch_tokens=settings.max_batch_tokens
-        )
+        encoder = Qwen3Encoder(str(model), CPU, torch.float32, settings.recipe())
         encoder.embed_texts(["warm-up"])
         if wrap_texts is not None:  # the text batches' method (vectors and per-token states)
             encoder.encode = wrap_texts(encoder.encode)  # type: ignore[method-assign]

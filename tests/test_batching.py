@@ -6,6 +6,7 @@ import asyncio
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import torch
@@ -28,11 +29,11 @@ class Recorder:
 
 
 async def _run(
-    recorder: Recorder, requests: list[list[int]], max_batch_size: int = 64, wait: float = 0.02
+    recorder: Recorder, requests: list[list[int]], max_batch_size: int = 64, wait: float = 0.02, **cost: Any
 ) -> list[object]:
     with ThreadPoolExecutor(1, thread_name_prefix="model") as executor:
         batcher: MicroBatcher[int, int] = MicroBatcher(
-            recorder, executor=executor, max_batch_size=max_batch_size, max_wait_s=wait
+            recorder, executor=executor, max_batch_size=max_batch_size, max_wait_s=wait, **cost
         )
         batcher.start()
         try:
@@ -55,6 +56,22 @@ def test_max_batch_size_splits_large_requests() -> None:
     results = asyncio.run(_run(recorder, [list(range(25))], max_batch_size=8))
     assert results == [[x * 10 for x in range(25)]]
     assert [len(batch) for batch in recorder.batches] == [8, 8, 8, 1]
+
+
+def test_a_cost_budget_forms_batches_padded_within_it() -> None:
+    """An item's cost is its padded length: a batch's cost is its size times its widest item's, kept within
+    max_batch_cost as the batch forms (the item that would pass it starts the next batch, in order); an item over the
+    budget alone runs alone; rows come back to their callers in order."""
+    recorder = Recorder()
+    requests = [[3, 3, 3], [9], [1, 1, 1, 1], [30], [2, 2]]
+    results = asyncio.run(_run(recorder, requests, cost=lambda item: item, max_batch_cost=12))
+    assert results == [[x * 10 for x in items] for items in requests]
+    assert recorder.batches == [[3, 3, 3], [9], [1, 1, 1, 1], [30], [2, 2]]
+    for batch in recorder.batches:
+        assert len(batch) * max(batch) <= 12 or len(batch) == 1
+    recorder = Recorder()
+    asyncio.run(_run(recorder, [[1] * 5, [2] * 3, [3]], cost=lambda item: item, max_batch_cost=12))
+    assert recorder.batches == [[1, 1, 1, 1, 1, 2], [2, 2, 3]]  # 6 x 2 = 12; then 3 x 3 = 9
 
 
 def test_failing_item_fails_only_its_request() -> None:

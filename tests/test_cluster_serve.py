@@ -145,7 +145,7 @@ def test_a_replica_starts_only_with_a_loaded_model(tiny_siglip: Path) -> None:
         response = client.get("/health", headers={"X-Request-ID": "abc"})
         assert "x-request-id" not in response.headers  # Serve's proxy adds it (once)
         assert app.state.runtime.model is not None
-        app.state.runtime.model.healthy = False  # what three failed forward passes in a row do
+        app.state.runtime.model.runtime.healthy = False  # what three failed forward passes in a row do
         with pytest.raises(RuntimeError, match="unhealthy"):
             replica.check_health()
 
@@ -788,9 +788,10 @@ def test_header_floods_and_invalid_requests_get_the_envelope(cluster: Cluster, d
 
 
 @pytest.mark.slow
-def test_idle_connections_are_closed_and_connections_are_capped(cluster: Cluster, door: str) -> None:
+def test_idle_connections_are_closed_and_silent_ones_lock_no_client_out(cluster: Cluster, door: str) -> None:
     """Idle connections are closed after header_timeout_s (2 s here); past max_connections (400 here) a new
-    connection is answered 503 at once."""
+    connection sheds one that holds no request (tests/test_connection_shedding.py: the same protocol), so 1000
+    connections that never send a byte leave a normal client served within 2 s."""
     idle = [connect_to(door) for _ in range(300)]
     started = time.monotonic()
     try:
@@ -801,16 +802,16 @@ def test_idle_connections_are_closed_and_connections_are_capped(cluster: Cluster
     finally:
         for sock in idle:
             sock.close()
-    held = [connect_to(door) for _ in range(CONNECTION_ARGS["max_connections"])]
+    silent = [connect_to(door) for _ in range(1000)]
     try:
-        with connect_to(door, timeout=10) as refused:
-            status, headers, body = read_response(refused)
-            assert (status, error_code(body), headers["retry-after"]) == (503, "too_many_connections", "1")
+        time.sleep(0.5)  # the front door has taken them in
+        for _ in range(3):
+            started = time.monotonic()
+            assert requests.get(door + "/siglip2/health", timeout=10).status_code == 200
+            assert time.monotonic() - started < 2
     finally:
-        for sock in held:
+        for sock in silent:
             sock.close()
-    time.sleep(0.5)  # the front door sees the connections go
-    assert requests.get(door + "/siglip2/health", timeout=10).status_code == 200
 
 
 @pytest.mark.slow

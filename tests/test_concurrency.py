@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+from qwen3_embed import Qwen3Encoder
 from tests.helpers import MIXED_TEXTS, assert_same_vectors, image_app, mixed_images, serving, text_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,9 +102,18 @@ def test_concurrent_mixed_image_service_requests_keep_their_rows(tiny_siglip: Pa
 
 
 def test_concurrent_text_service_requests_keep_their_rows(tiny_zimage: Path) -> None:
-    # Texts of very different lengths, sorted by length inside a batch and cut into several forward passes.
+    # Texts of very different lengths, in batches that a budget of 256 padded tokens keeps to a few texts each.
     texts = [*MIXED_TEXTS, "word " * 60, "a b c " * 20, "猫" * 40]
-    app = text_app(tiny_zimage, max_batch_size=24, max_batch_wait_ms=3, max_batch_tokens=256)
+    passes: list[list[str]] = []
+
+    def recording(encode: Any) -> Any:
+        def run(items: list[Any]) -> Any:
+            passes.append(list(items))
+            return encode(items)
+
+        return run
+
+    app = text_app(tiny_zimage, wrap_texts=recording, max_batch_size=24, max_batch_wait_ms=3, max_batch_tokens=256)
     with serving(app) as client:
         alone = [np.asarray(client.post("/embed/text", json={"text": t}).json()["embedding"]) for t in texts]
         rng = random.Random(7)
@@ -127,3 +138,7 @@ def test_concurrent_text_service_requests_keep_their_rows(tiny_zimage: Path) -> 
         for got, expected in results:
             assert_same_vectors(got, expected)
         assert mean_batch_size(client, "texts") > 1.5
+    # Every pass the model ran is a batch the batcher formed, padded within the budget.
+    counter = Qwen3Encoder(str(tiny_zimage), torch.device("cpu"), torch.float32)
+    for batch in passes:
+        assert len(batch) == 1 or len(batch) * max(counter.token_counts(batch)) <= 256, batch

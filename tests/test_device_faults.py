@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from common.errors import OutOfMemory
-from common.service import FAILURES_BEFORE_UNHEALTHY
+from common.runtime import FAILURES_BEFORE_UNHEALTHY
 from qwen3_embed import Qwen3Encoder, Qwen3Service, Qwen3Settings
 from tests.helpers import BatchMethod, assert_error, assert_same_vectors, image_app, mixed_images, serving, text_app
 
@@ -162,7 +162,7 @@ def test_the_out_of_memory_error_holds_nothing_of_the_failed_pass(
         "common.failures.empty_device_cache",
         lambda device: alive_when_emptied.append(sum(ref() is not None for ref in activations)),
     )
-    guarded: Callable[[list[str]], Any] = service._guarded(service.text_encoder.embed_texts)
+    guarded: Callable[[list[str]], Any] = service.runtime._guarded(service.text_encoder.embed_texts)
     try:
         with pytest.raises(Exception) as caught:
             guarded(texts)
@@ -172,7 +172,7 @@ def test_the_out_of_memory_error_holds_nothing_of_the_failed_pass(
             assert isinstance(caught.value, OutOfMemory)
         assert alive_when_emptied == [0]
     finally:
-        service.model_worker.shutdown()
+        service.runtime.worker.shutdown()
 
 
 def test_the_out_of_memory_path_empties_the_mps_cache(tiny_zimage: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,17 +182,17 @@ def test_the_out_of_memory_path_empties_the_mps_cache(tiny_zimage: Path, monkeyp
     emptied: list[str] = []
     monkeypatch.setattr(torch.mps, "empty_cache", lambda: emptied.append("mps"))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append("cuda"))
-    service.text_encoder.device = torch.device("mps")  # what the service was loaded on
+    service.runtime.device = torch.device("mps")  # what the service was loaded on
 
     def out_of_memory(texts: list[str]) -> np.ndarray:
         raise torch.OutOfMemoryError("MPS backend out of memory (simulated)")
 
     try:
         with pytest.raises(OutOfMemory):
-            service._guarded(out_of_memory)(["a cat"])
+            service.runtime._guarded(out_of_memory)(["a cat"])
         assert emptied == ["mps"]
     finally:
-        service.model_worker.shutdown()
+        service.runtime.worker.shutdown()
 
 
 @pytest.mark.parametrize(

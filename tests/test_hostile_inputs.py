@@ -704,12 +704,12 @@ def test_exif_orientation_is_applied(image_client: TestClient) -> None:
 )
 def test_ten_thousand_items_are_rejected_before_any_work(image_client: TestClient, call: Call) -> None:
     service = image_client.app.state.runtime.model  # type: ignore[attr-defined]
-    before = sum(batcher.queue_depth for batcher in service.batchers)
+    before = sum(batcher.queue_depth for batcher in service.runtime.batchers)
     started = time.perf_counter()
     assert_error(call(image_client), 413, "too_many_items")
     # Nothing decoded, nothing queued: the slowest of these (10 000 multipart parts) takes about 0.06 s.
     assert time.perf_counter() - started < 3.0
-    assert sum(batcher.queue_depth for batcher in service.batchers) == before
+    assert sum(batcher.queue_depth for batcher in service.runtime.batchers) == before
 
 
 def test_limit_errors_say_how_to_raise_the_limit(image_client: TestClient) -> None:

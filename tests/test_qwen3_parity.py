@@ -58,10 +58,8 @@ def cosines(actual: object, expected: np.ndarray) -> np.ndarray:
     return np.sum(got / np.linalg.norm(got, axis=-1, keepdims=True) * expected, axis=-1)
 
 
-def encoder(root: Path, max_batch_tokens: int = 16384, **recipe: Any) -> Qwen3Encoder:
-    return Qwen3Encoder(
-        str(root), torch.device("cpu"), torch.float32, Qwen3Recipe(**recipe), max_batch_tokens=max_batch_tokens
-    )
+def encoder(root: Path, **recipe: Any) -> Qwen3Encoder:
+    return Qwen3Encoder(str(root), torch.device("cpu"), torch.float32, Qwen3Recipe(**recipe))
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +106,16 @@ def test_mixed_length_batches_equal_one_by_one(tiny_zimage: Path) -> None:
     together = model.embed_texts(TEXTS)
     alone = np.concatenate([model.embed_texts([text]) for text in TEXTS])
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
-    # A small token budget splits the batch into several forward passes: same numbers.
-    small_budget = encoder(tiny_zimage, max_batch_tokens=64)
-    assert small_budget._chunks([0, 1, 2], [40, 30, 20]) == [[0], [1, 2]]  # 2 x 30 padded tokens fit in 64
-    np.testing.assert_allclose(small_budget.embed_texts(TEXTS), together, rtol=1e-4, atol=1e-5)
+
+
+def test_a_texts_batch_cost_bounds_its_tokens(tiny_zimage: Path) -> None:
+    """The batch cost the batcher reckons without the tokenizer is never below the tokens the model reads: the
+    template's, and at most max_length."""
+    model = encoder(tiny_zimage, max_length=48)
+    texts = [*TEXTS, "", "猫" * 40, "word " * 60, "naïve café ﬁ ℃ 🙂" * 3, "<|im_end|> a", "\u00e9" * 10]
+    for text, tokens in zip(texts, model.token_counts(texts), strict=True):
+        assert tokens <= model.token_bound(text) <= 48, text
+    assert model.token_bound("") == model.token_counts([""])[0] == model.template_tokens
 
 
 def test_dead_layers_are_not_kept(tiny_zimage: Path) -> None:

@@ -73,7 +73,7 @@ def text_service(folder: Path, dtype: torch.dtype = torch.float32, wrap_encode: 
     settings = Qwen3Settings(model=str(folder), **overrides)
 
     def load() -> Qwen3Service:
-        encoder = Qwen3Encoder(str(folder), CPU, dtype, settings.recipe(), max_batch_tokens=settings.max_batch_tokens)
+        encoder = Qwen3Encoder(str(folder), CPU, dtype, settings.recipe())
         if wrap_encode is not None:
             encoder.encode = wrap_encode(encoder.encode)  # type: ignore[method-assign]
         return Qwen3Service(settings, encoder, "cpu")

@@ -33,12 +33,12 @@ class TransitionResponse(BaseModel):
 async def sleep(model: Model, body: SleepRequest | None = None) -> TransitionResponse:
     """Once the requests already queued are done, the weights leave the device (``offload``) or memory
     (``unload``). Without a hold, the next embedding request wakes the model again."""
-    done = await model.residency.sleep("admin", hold=body is not None and body.hold)
+    done = await model.runtime.residency.sleep("admin", hold=body is not None and body.hold)
     return TransitionResponse(state=done.state, seconds=round(done.seconds, 3))
 
 
 @router.post("/admin/wake", response_model=TransitionResponse, summary="Bring the model back now")
 async def wake(model: Model) -> TransitionResponse:
     """Ends a hold; answers once the model serves (503 ``out_of_memory`` or ``not_ready`` if the wake failed)."""
-    done = await model.residency.wake()
+    done = await model.runtime.residency.wake()
     return TransitionResponse(state=done.state, seconds=round(done.seconds, 3))

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal, TypedDict
+from typing import Annotated, Literal, TypedDict, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -28,8 +28,8 @@ from starlette.middleware import Middleware
 from common.api.middleware import AccessLog, RequestBody, RequestGuard
 from common.api.schemas import ERROR_RESPONSES, FastJSONResponse
 from common.config import Modality, ServiceSettings
-from common.contract import EmbeddingModel, ModelInfo
-from common.errors import NotReady, install_error_handlers
+from common.contract import EmbeddingModel, ImageModel, ModelInfo
+from common.errors import NotReady, UnsupportedInput, install_error_handlers
 from common.loading import WrongModel
 from common.metrics import Metrics
 from common.residency import SleepInfo
@@ -65,7 +65,7 @@ class Runtime:
 
     @property
     def status(self) -> Status:
-        if self._loaded == "ok" and self.model is not None and not self.model.healthy:
+        if self._loaded == "ok" and self.model is not None and not self.model.runtime.healthy:
             return "unhealthy"  # the device keeps failing
         return self._loaded
 
@@ -73,7 +73,7 @@ class Runtime:
         """Every item still waiting for the model, and every later one, fails with 503 ``not_ready`` (at the end of
         a shutdown's drain: an answer the client can retry elsewhere, not a connection cut off mid-request)."""
         if self.model is not None:
-            for batcher in self.model.batchers:
+            for batcher in self.model.runtime.batchers:
                 batcher.close(reason)
 
     async def load(self) -> None:
@@ -82,11 +82,11 @@ class Runtime:
         started = time.perf_counter()
         try:
             model = await asyncio.to_thread(self._load)
-            for batcher in model.batchers:
+            for batcher in model.runtime.batchers:
                 batcher.observer = self.metrics.observe_batch
                 self.metrics.watch_queue(batcher.name, lambda b=batcher: b.queue_depth)  # type: ignore[misc]
-            self.metrics.watch_residency(model.residency)
-            await model.start()
+            self.metrics.watch_residency(model.runtime.residency)
+            await model.runtime.start()
         except WrongModel as exc:
             logger.error("loading the model failed: %s", exc)  # a clear message; a traceback adds nothing
             self._fail()
@@ -144,6 +144,17 @@ async def ready_model(request: Request) -> EmbeddingModel:
 
 
 Model = Annotated[EmbeddingModel, Depends(ready_model)]
+
+
+async def ready_image_model(request: Request) -> ImageModel:
+    """The loaded model, which reads images (the image routes are mounted only on such services)."""
+    model = await ready_model(request)
+    if "image" not in model.modalities:
+        raise UnsupportedInput(f"this service ({model.model_name}) embeds text only; send images to an image service")
+    return cast(ImageModel, model)
+
+
+ImageModelOf = Annotated[ImageModel, Depends(ready_image_model)]
 
 
 def form_limits(settings: ServiceSettings) -> FormLimits:
@@ -232,7 +243,7 @@ async def health(runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONRespon
         modalities=list(model.modalities),
         tiny=model.tiny,
         fingerprint=model.fingerprint,
-        state=model.residency.state,
+        state=model.runtime.residency.state,
         instance=runtime.settings.instance_id,
     )
     return JSONResponse(body.model_dump(exclude_none=True))
@@ -262,7 +273,7 @@ async def info(runtime: Annotated[Runtime, Depends(runtime_of)]) -> ServiceInfo 
         **state.model_dump(),
         **runtime.model.info().model_dump(),
         load_seconds=round(runtime.load_seconds or 0.0, 3),
-        sleep=runtime.model.residency.info(),
+        sleep=runtime.model.runtime.residency.info(),
     )
 
 
@@ -348,7 +359,7 @@ def create_app(
                 loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             if runtime.model is not None:
-                await runtime.model.stop()
+                await runtime.model.runtime.stop()
 
     app = FastAPI(
         title=title,

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from common.api.app import Model, form_limits
+from common.api.app import ImageModelOf, form_limits
 from common.api.json_body import JSONBodyRoute, refuse_long_lists
 from common.api.schemas import (
     EmbeddingResponse,
@@ -52,7 +52,7 @@ async def read_uploads(files: Sequence[StarletteUploadFile]) -> list[bytes]:
 @router.post("/embed/image", response_model=EmbeddingResponse, tags=["images"])
 async def embed_image(
     request: Request,
-    model: Model,
+    model: ImageModelOf,
     file: UploadFile | None = File(None, description="an image file"),
     image_base64: str | None = Form(
         None, description="instead of a file: the image as base64 (the form clients of the Quadux SigLIP API send)"
@@ -68,7 +68,7 @@ async def embed_image(
 
 
 @router.post("/embed/image/base64", response_model=EmbeddingResponse, tags=["images"])
-async def embed_image_base64(request: Request, body: EmbedImageBase64Request, model: Model) -> FastJSONResponse:
+async def embed_image_base64(request: Request, body: EmbedImageBase64Request, model: ImageModelOf) -> FastJSONResponse:
     """``{"image_base64": "..."}`` (raw base64 or data URI) -> ``embedding``."""
     vectors = await model.embed_images([body.image_base64], body.normalize)
     return embedding_reply(model, request, vectors, single=True)
@@ -96,7 +96,7 @@ _IMAGES_BODY_DOC: dict[str, Any] = {
 
 
 @router.post("/embed/images", response_model=EmbeddingsResponse, tags=["images"], openapi_extra=_IMAGES_BODY_DOC)
-async def embed_images(request: Request, model: Model) -> FastJSONResponse:
+async def embed_images(request: Request, model: ImageModelOf) -> FastJSONResponse:
     """Repeated multipart ``files`` (optional form ``normalize``), or JSON ``{"images_base64": [...]}`` ->
     ``embeddings`` in input order."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -156,7 +156,7 @@ def parse_texts(values: Sequence[str], max_items: int) -> list[str]:
 @router.post("/similarity", tags=["cross-modal"])
 async def similarity(
     request: Request,
-    model: Model,
+    model: ImageModelOf,
     files: list[UploadFile] = File(description="images"),
     texts: list[str] = Form(description='a JSON array string such as ["a cat", "a dog"], or repeated fields'),
     return_embeddings: bool = Form(
@@ -184,7 +184,7 @@ async def similarity(
 @router.post("/rank", tags=["cross-modal"])
 async def rank(
     request: Request,
-    model: Model,
+    model: ImageModelOf,
     files: list[UploadFile] = File(description="images to rank"),
     query: str = Form(min_length=1, description="the text to rank the images by"),
 ) -> FastJSONResponse:
