@@ -44,7 +44,7 @@ from cluster.ray_private import local_ray_on_loopback
 from cluster.source import BadLocation, Source, SourceFile, list_images, open_source
 from cluster.store import OutputStore, output_lock
 from cluster.tiny import tiny_banner, tiny_models
-from embed_client.__main__ import positive_int
+from embed_client.arguments import non_negative_float, positive_int
 from embed_client.files import too_large_reason
 from embed_client.indexer import IndexRefused
 from siglip2_embed import EMBEDDING_VERSION, Siglip2Settings, model_identity
@@ -131,24 +131,15 @@ def run(
         listing = list_images(source)
         files = listing.files
         plan = store.plan(files, reindex, listing.unreadable_folders)
-        # Listed by their size, never read (the reader checks again on the open file), as the standalone indexer.
-        limit = settings.max_image_bytes
-        failures = [(f, too_large_reason(f.size, limit)) for f in plan.todo if f.size > limit]
-        todo = [f for f in plan.todo if f.size <= limit]
+        todo, failures = _within_size_limit(plan.todo, settings.max_image_bytes)
         reached("listed")
         logger.info(
             "%d images under %s: %d to embed, %d already indexed", len(files), source_uri, len(todo), plan.skipped
         )
         embedded = 0
         if todo:
-            connect(address)
+            _join_ray(address, source)
             reached("ray ready")
-            if source.is_local_folder and len([node for node in ray.nodes() if node["Alive"]]) > 1:
-                logger.warning(
-                    "SOURCE %s is a local folder and the cluster has several nodes: every node must see it at the same "
-                    "path (a network file system), or the job fails; object storage (s3://...) needs no such care",
-                    source_uri,
-                )
             pool = pool_options(actors, gpus_per_actor, cpus_per_actor, batch_size)
             embedded, more_failures = _embed(source, todo, settings, pool, store, reached)
             failures += more_failures
@@ -167,6 +158,22 @@ def run(
             store.location,
             store.failures_location,
             phases,
+        )
+
+
+def _within_size_limit(todo: list[SourceFile], limit: int) -> tuple[list[SourceFile], list[tuple[SourceFile, str]]]:
+    """The files to read, and those over the size limit with why: judged by their listed size, never read (the reader
+    checks again on the open file), as the standalone indexer does."""
+    return [f for f in todo if f.size <= limit], [(f, too_large_reason(f.size, limit)) for f in todo if f.size > limit]
+
+
+def _join_ray(address: str | None, source: Source) -> None:
+    connect(address)
+    if source.is_local_folder and len([node for node in ray.nodes() if node["Alive"]]) > 1:
+        logger.warning(
+            "SOURCE %s is a local folder and the cluster has several nodes: every node must see it at the same path "
+            "(a network file system), or the job fails; object storage (s3://...) needs no such care",
+            source.uri,
         )
 
 
@@ -205,13 +212,6 @@ def _embed(
     return embedded, failures
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cluster.index_images",
@@ -242,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "local Ray started for this job)",
     )
     parser.add_argument("--actors", type=positive_int, help="encoder actors (default: one per GPU, else 1)")
-    parser.add_argument("--gpus-per-actor", type=_non_negative_float, help="default 1 with GPUs, else 0")
+    parser.add_argument("--gpus-per-actor", type=non_negative_float, help="default 1 with GPUs, else 0")
     parser.add_argument(
-        "--cpus-per-actor", type=_non_negative_float, default=1.0, help="CPU reserved per actor (default 1)"
+        "--cpus-per-actor", type=non_negative_float, default=1.0, help="CPU reserved per actor (default 1)"
     )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--reindex", action="store_true", help="embed every file again")

@@ -11,16 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from embed_client.arguments import positive_int
 from embed_client.client import EmbedClient, EmbedClientError, ServiceError, WrongService
 from embed_client.indexer import IndexRefused, IndexSummary, index_folder
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (the cluster job's command line uses it too)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

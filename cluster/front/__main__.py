@@ -13,11 +13,12 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from cluster.front.app import FrontDoor
-from cluster.front.config import front_door_settings, fronted_apps, serve_config_behind, with_models
+from cluster.front.config import FrontedApp, front_door_settings, fronted_apps, serve_config_behind, with_models
 from cluster.front.forward import Upstream
 from cluster.front.health import ServeStatus
 from cluster.front.resources import missing_resources, resource_asks
@@ -98,20 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("%s", tiny_banner("these applications run"))
     http_options = config.get("http_options") or {}
     host, port = str(http_options.get("host", "127.0.0.1")), int(http_options.get("port", 8000))
-    serve_port = args.serve_port or port + 1
     warn_if_keyless(host, keyless=any(app.settings.api_key is None for app in apps))
 
     import ray
-    from ray import serve
 
-    failed: list[str] = []  # the application whose replicas cannot start (StartupWatch)
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, namespace="serve")  # a cluster listens as it was started
-    else:
-        # "local": a Ray of the front door's own, never one that a file left by `ray start` names
-        with local_ray_on_loopback():
-            ray.init(address="local", namespace="serve")
+    join_ray(args.address or os.environ.get("RAY_ADDRESS"))
     try:
         if not args.front_door_only and not args.no_resource_check:
             problem = missing_resources(resource_asks(config), ray.cluster_resources(), str(args.config))
@@ -123,50 +115,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             logger.error("%s", exc)
             return 1
-        if not args.front_door_only:
-            deploy(serve_config_behind(config, serve_port, host))
         try:
-            server = limited_server(
-                FrontDoor(apps, Upstream(f"http://127.0.0.1:{serve_port}"), ServeStatus()),
-                front_door_settings(apps, host, port),
-                runtime=None,
-            )
-
-            def cannot_start(application: str, reason: str) -> None:
-                logger.error(
-                    "application %s: a replica %s%s\n(an application's model is `model` in its args in %s, or "
-                    "SIGLIP2_MODEL / QWEN3_MODEL; --tiny tries the commands on tiny random-weight models)",
-                    application,
-                    MARK,
-                    reason,
-                    args.config,
-                )
-                failed.append(application)
-                server.should_exit = True  # stops as a stop signal does: the front door, then Serve
-
-            watch = StartupWatch([app.name for app in apps], cannot_start)
-            if not args.front_door_only:
-                watch.start()
-            logger.info(
-                "front door on http://%s:%d (%s), Serve's proxy on 127.0.0.1:%d",
-                host if ":" not in host else f"[{host}]",
-                port,
-                ", ".join(app.route_prefix for app in apps),
-                serve_port,
-            )
-            if args.tiny:
-                logger.warning("%s", tiny_banner("these applications run"))
-            try:
-                server.run(sockets=[sock])
-            finally:
-                watch.stop()
+            return serve_until_stopped(args, config, apps, sock, host, port)
         finally:
             sock.close()
-            if not args.front_door_only:
-                logger.info("stopping Serve")
-                serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def join_ray(address: str | None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, namespace="serve")  # a cluster listens as it was started
+    else:
+        # "local": a Ray of the front door's own, never one that a file left by `ray start` names
+        with local_ray_on_loopback():
+            ray.init(address="local", namespace="serve")
+
+
+def serve_until_stopped(
+    args: argparse.Namespace, config: dict[str, Any], apps: list[FrontedApp], sock: socket.socket, host: str, port: int
+) -> int:
+    """Deploy (unless --front-door-only), serve on ``sock`` until a stop signal or a replica that cannot start,
+    then shut Serve down; the exit code."""
+    from ray import serve
+
+    serve_port = args.serve_port or port + 1
+    if not args.front_door_only:
+        deploy(serve_config_behind(config, serve_port, host))
+    failed: list[str] = []  # the application whose replicas cannot start (StartupWatch)
+    try:
+        server = limited_server(
+            FrontDoor(apps, Upstream(f"http://127.0.0.1:{serve_port}"), ServeStatus()),
+            front_door_settings(apps, host, port),
+            runtime=None,
+        )
+
+        def cannot_start(application: str, reason: str) -> None:
+            logger.error(
+                "application %s: a replica %s%s\n(an application's model is `model` in its args in %s, or "
+                "SIGLIP2_MODEL / QWEN3_MODEL; --tiny tries the commands on tiny random-weight models)",
+                application,
+                MARK,
+                reason,
+                args.config,
+            )
+            failed.append(application)
+            server.should_exit = True  # stops as a stop signal does: the front door, then Serve
+
+        watch = StartupWatch([app.name for app in apps], cannot_start)
+        if not args.front_door_only:
+            watch.start()
+        logger.info(
+            "front door on http://%s:%d (%s), Serve's proxy on 127.0.0.1:%d",
+            host if ":" not in host else f"[{host}]",
+            port,
+            ", ".join(app.route_prefix for app in apps),
+            serve_port,
+        )
+        if args.tiny:
+            logger.warning("%s", tiny_banner("these applications run"))
+        try:
+            server.run(sockets=[sock])
+        finally:
+            watch.stop()
+    finally:
+        if not args.front_door_only:
+            logger.info("stopping Serve")
+            serve.shutdown()
     return 1 if failed else 0
 
 

@@ -206,71 +206,76 @@ class RequestBody(HTTPMiddleware):
         self.timeout_s = timeout_s
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        declared = header(scope, b"content-length") or ""
-        expects_body = has_body(scope)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        task = asyncio.current_task()
-        received = 0
-        body_complete = False
-        response_complete = False
-        client_gone = False
-        watcher: asyncio.Task[None] | None = None
-
-        def too_large(size: str) -> PayloadTooLarge:
-            return PayloadTooLarge(
-                f"request body is {size} bytes; the limit is {limit_hint('max_body_bytes', self.max_bytes)}"
-            )
-
-        async def watch_connection() -> None:
-            nonlocal client_gone
-            message = await receive()  # after the body: returns when the client disconnects or the response is done
-            if message["type"] == "http.disconnect" and not response_complete and task is not None:
-                client_gone = True
-                task.cancel()
-
-        async def limited_receive() -> Message:
-            nonlocal received, body_complete, watcher
-            if body_complete:
-                if watcher is not None:  # the watcher owns the connection's receive now
-                    await asyncio.shield(watcher)
-                return {"type": "http.disconnect"}
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                raise too_large(declared)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTimeout(
-                    f"the request body did not arrive within {self.timeout_s:g} s; the limit is "
-                    f"body_timeout_s={self.timeout_s:g} (raise it with --body-timeout-s or EMBED_BODY_TIMEOUT_S)"
-                ) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise too_large(f"more than {self.max_bytes}")
-                if not message.get("more_body", False):
-                    body_complete = True
-                    watcher = asyncio.create_task(watch_connection(), name="watch-connection")
-            return message
-
-        async def closing_send(message: Message) -> None:
-            nonlocal response_complete
-            if message["type"] == "http.response.start" and expects_body and not body_complete:
-                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                response_complete = True
-            await send(message)
-
+        request = _BoundedRequest(scope, receive, send, self.max_bytes, self.timeout_s)
         try:
-            await self.app(scope, limited_receive, closing_send)
+            await self.app(scope, request.receive, request.send)
         except asyncio.CancelledError:
-            if not client_gone or task is None or task.uncancel() > 0:
+            if not request.client_gone or request.task is None or request.task.uncancel() > 0:
                 raise  # not (only) ours: the server is cancelling the request
             scope.setdefault("state", {})["client_gone"] = True
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            if request.watcher is not None:
+                request.watcher.cancel()
+
+
+class _BoundedRequest:
+    """One request under ``RequestBody``: its ``receive`` and ``send``, and the watch on its connection."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, max_bytes: int, timeout_s: float) -> None:
+        self._receive, self._send = receive, send
+        self.max_bytes, self.timeout_s = max_bytes, timeout_s
+        self.declared = header(scope, b"content-length") or ""
+        self.expects_body = has_body(scope)
+        self.deadline = asyncio.get_running_loop().time() + timeout_s
+        self.task = asyncio.current_task()
+        self.received = 0
+        self.body_complete = False
+        self.response_complete = False
+        self.client_gone = False
+        self.watcher: asyncio.Task[None] | None = None
+
+    def too_large(self, size: str) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body is {size} bytes; the limit is {limit_hint('max_body_bytes', self.max_bytes)}"
+        )
+
+    async def receive(self) -> Message:
+        if self.body_complete:
+            if self.watcher is not None:  # the watcher owns the connection's receive now
+                await asyncio.shield(self.watcher)
+            return {"type": "http.disconnect"}
+        if self.declared.isdigit() and int(self.declared) > self.max_bytes:
+            raise self.too_large(self.declared)
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                message = await self._receive()
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the request body did not arrive within {self.timeout_s:g} s; the limit is "
+                f"body_timeout_s={self.timeout_s:g} (raise it with --body-timeout-s or EMBED_BODY_TIMEOUT_S)"
+            ) from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.max_bytes:
+                raise self.too_large(f"more than {self.max_bytes}")
+            if not message.get("more_body", False):
+                self.body_complete = True
+                self.watcher = asyncio.create_task(self.watch_connection(), name="watch-connection")
+        return message
+
+    async def watch_connection(self) -> None:
+        """After the body: returns when the client disconnects (and cancels the request) or the response is done."""
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self.response_complete and self.task is not None:
+            self.client_gone = True
+            self.task.cancel()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and self.expects_body and not self.body_complete:
+            message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.response_complete = True
+        await self._send(message)
 
 
 def app_path(scope: Scope) -> str:
