@@ -28,7 +28,10 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("batcher hand-off (queue, futures, executor)", ("MicroBatcher.", "_Pending.")),
     ("model residency gate", ("Residency.",)),
     ("text checks", ("BatchedService.check_texts ",)),
-    ("reading the body", ("Request.body ", "Request.stream ", "_BoundedRequest.receive ", "RequestResponseCycle.receive ")),
+    (
+        "reading the body",
+        ("Request.body ", "Request.stream ", "_BoundedRequest.receive ", "RequestResponseCycle.receive "),
+    ),
     ("JSON in: parse and list-length guard", ("JSONBodyRequest.json ",)),
     ("validation (pydantic)", ("request_body_to_args ", "_validate_value_with_model_field ", "ModelField.validate ")),
     ("dependency resolution", ("solve_dependencies ",)),

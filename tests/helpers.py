@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -324,6 +325,17 @@ def process_tree(root: int) -> list[Process]:
         pids += children
         frontier += children
     return [found for pid in pids if (found := process(pid)) is not None]
+
+
+def outliving(processes: Sequence[Process], seconds: float = 30) -> list[Process]:
+    """Those of ``processes`` still alive after ``seconds``, killed (SIGKILL, each by its own PID)."""
+    deadline = time.monotonic() + seconds
+    while any(p.alive for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [p for p in processes if p.alive]
+    for leftover in left:
+        os.kill(leftover.pid, signal.SIGKILL)
+    return left
 
 
 def listening_sockets(processes: Sequence[Process]) -> list[tuple[Process, str, int]]:

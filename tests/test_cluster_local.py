@@ -33,7 +33,7 @@ import yaml
 
 from common.api.middleware import is_loopback
 from tests.doc_examples import claimed_command
-from tests.helpers import Process, free_port, listening_sockets, process_tree, write_example_photos
+from tests.helpers import Process, free_port, listening_sockets, outliving, process_tree, write_example_photos
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_CONFIG = ROOT / "cluster" / "serve_config_cpu.yaml"
@@ -92,12 +92,7 @@ def stop_and_wait(front: subprocess.Popen[bytes], started: list[Process], log: P
         if front.poll() is None:
             front.kill()
             front.wait()
-    deadline = time.monotonic() + 30
-    while any(p.alive for p in started) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = [p for p in started if p.alive]
-    for leftover in left:  # only the processes of this front door's tree
-        os.kill(leftover.pid, signal.SIGKILL)
+    left = outliving(started)  # only the processes of this front door's tree
     assert not left, f"processes of the front door's Ray outlived it: {left}\n{log.read_text()[-3000:]}"
     return code
 

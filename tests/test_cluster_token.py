@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.doc_examples import claimed_blocks, venv_words
-from tests.helpers import process_tree
+from tests.helpers import outliving, process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 # The documented ports, each replaced by a free one of the test's.
@@ -128,12 +128,7 @@ class Nodes:
                 if node.poll() is None:
                     node.kill()
                     node.wait()
-        deadline = time.monotonic() + 30
-        while any(p.alive for p in processes) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = [p for p in processes if p.alive]
-        for leftover in left:  # only the nodes' own processes
-            os.kill(leftover.pid, signal.SIGKILL)
+        left = outliving(processes)  # only the nodes' own processes
         assert not left, f"processes of the nodes outlived them: {left}"
 
 
