@@ -14,4 +14,5 @@ echo "== ruff"
 echo "== mypy"
 "$VENV/bin/python" -m mypy
 echo "== pytest"
-"$VENV/bin/python" -m pytest "$@"
+# Two workers (tests/conftest.py says how the files are shared out); PYTEST_WORKERS=0 runs them in this process.
+"$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -73,7 +73,12 @@ def docker_missing() -> str | None:
 
 
 def image_exists(tag: str) -> bool:
-    return docker("image", "inspect", tag, check=False).returncode == 0
+    return image_id(tag) is not None
+
+
+def image_id(tag: str) -> str | None:
+    result = docker("image", "inspect", "--format", "{{.Id}}", tag, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def digest(*parts: str | bytes) -> str:
@@ -214,9 +219,13 @@ def build_image(tag: str, base: str, index_url: str | None, context: Path = ROOT
     args = ["--build-arg", f"BASE_IMAGE={base}", "--build-arg", "DEVICE=cpu", *(["--no-cache"] if no_cache else [])]
     if index_url:
         args += ["--build-arg", f"TORCH_CPU_INDEX_URL={index_url}"]
+    before = image_id(tag)
     started = time.monotonic()
     docker("build", "--network=host", *args, "-t", tag, str(context), timeout=3600)
-    return time.monotonic() - started
+    took = time.monotonic() - started
+    if before is not None and image_id(tag) != before:
+        docker("image", "rm", before, check=False)  # the tag's last build: each would stay behind, untagged
+    return took
 
 
 def run_options(env: dict[str, str] | None, volumes: tuple[str, ...]) -> list[str]:
