@@ -14,5 +14,4 @@ echo "== ruff"
 echo "== mypy"
 "$VENV/bin/python" -m mypy
 echo "== pytest"
-# Two workers (tests/conftest.py says how the files are shared out); PYTEST_WORKERS=0 runs them in this process.
-"$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"
+"$VENV/bin/python" -m pytest "$@"

@@ -32,27 +32,6 @@ from tests.helpers import SERVICES, Scripts, free_port, ready_client, service_pi
 # tests/test_dtype_choice.py tests auto's choice and the bfloat16 path on their own.
 os.environ["EMBED_DTYPE"] = "float32"
 
-# ./run_tests.sh runs the suite on two workers (pytest-xdist, --dist loadgroup): each file's tests on one worker (its
-# module fixtures are built once), and the files that start a Ray all on the same one, one after another: two Rays at
-# once would compete for its session folder and /dev/shm, and take twice the memory.
-STARTS_A_RAY = frozenset(
-    {
-        "test_cluster_front.py",
-        "test_cluster_index.py",
-        "test_cluster_local.py",
-        "test_cluster_serve.py",
-        "test_cluster_token.py",
-        "test_model_identity.py",
-        "test_ray_devices.py",
-    }
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("ray" if name in STARTS_A_RAY else name))
-
 
 @pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory: pytest.TempPathFactory) -> Path:
