@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ MAX_HEADERS = 100
 LOG_EVERY_S = 10.0
 # What a shed connection was doing, by its rank (LimitedHttpToolsProtocol._shedding_rank).
 SHED_KINDS = ("it had not sent a byte", "idle between requests", "still sending its headers")
+# When a connection came or its last response ended, as a count rather than loop.time(): uvloop's clock has
+# millisecond steps and stands still within a tick, so connections accepted together would tie and "oldest first"
+# would be decided by their addresses in memory.
+_idle_ticks = itertools.count()
 
 
 class RateLimitedLog:
@@ -126,14 +131,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._running: RequestResponseCycle | None = None
         self._sent_a_byte = False
-        self._idle_since = 0.0  # connected, or its last response ended
+        self._idle_since = 0  # a tick of _idle_ticks: connected, or its last response ended
         self._shed = False
 
     # -- connections --------------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._idle_since = self.loop.time()
+        self._idle_since = next(_idle_ticks)
         open_connections = len(self.connections) - sum(1 for c in self.connections if getattr(c, "_shed", False))
         if open_connections > self.limits.max_connections and not self._shed_one(open_connections):
             self.logs.too_many_connections.warning(open_connections - 1, self.limits.max_connections)
@@ -152,7 +157,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         byte, then an idle keep-alive, then one still sending its headers; False when every other connection has a
         request in progress."""
         candidates = [
-            (rank, connection._idle_since, id(connection), connection)
+            (rank, connection._idle_since, connection)
             for connection in self.connections
             if isinstance(connection, LimitedHttpToolsProtocol)
             and connection is not self
@@ -161,7 +166,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         ]
         if not candidates:
             return False
-        rank, _, _, victim = min(candidates, key=lambda candidate: candidate[:3])
+        rank, _, victim = min(candidates, key=lambda candidate: candidate[:2])
         self.logs.shed.warning(open_connections - 1, SHED_KINDS[rank], self.limits.max_connections)
         victim._shed = True
         victim._cancel_header_timer()
@@ -188,7 +193,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
-        self._idle_since = self.loop.time()
+        self._idle_since = next(_idle_ticks)
         super().on_response_complete()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:

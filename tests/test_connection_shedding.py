@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.live_server import connect, error_code, read_response, request_bytes, server_thread, text_app
+from common.http_protocol import LimitedHttpToolsProtocol
+from common.server import EmbedServer
+from tests.live_server import (
+    connect,
+    error_code,
+    read_response,
+    request_bytes,
+    server_thread,
+    started_server,
+    text_app,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,24 +79,71 @@ def served_on(url: str) -> socket.socket:
     return sock
 
 
+def server_sees(server: EmbedServer, ranks: list[int], within_s: float = 10.0) -> None:
+    """Wait until the server's open connections hold no request in these ways (shedding ranks: 0 never sent a
+    byte, 1 idle, 2 still sending headers), the sorted list. A client's bytes and closes reach the server's event
+    loop some time later, under load later than any sleep: a newcomer accepted before a trickle's bytes were read
+    would rightly shed the trickle, which at that moment had not sent a byte."""
+    deadline = time.monotonic() + within_s
+    while True:
+        seen = sorted(
+            rank
+            for connection in list(server.server_state.connections)
+            if isinstance(connection, LimitedHttpToolsProtocol)
+            and (rank := connection._shedding_rank()) is not None
+        )
+        if seen == sorted(ranks):
+            return
+        assert time.monotonic() < deadline, f"the server sees {seen}, not {sorted(ranks)}"
+        time.sleep(0.01)
+
+
 def test_the_silent_then_the_idle_then_the_trickling_are_shed(tiny_zimage: Path) -> None:
     """At the cap, each new connection sheds one that holds no request: first those that never sent a byte (even
     the newest), then idle keep-alives (the one idle longest first), then those still sending their headers."""
     app, settings = text_app(tiny_zimage, max_connections=6, header_timeout_s=20.0)
-    with server_thread(app, settings) as url:
-        trickling = [trickle(url) for _ in range(2)]
-        idle = [served_on(url) for _ in range(2)]
-        silent = [connect(url, timeout=30) for _ in range(2)]
-        time.sleep(0.2)
-        order = [*silent, *idle, *trickling]  # the order in which they must go
+    with started_server(app, settings) as (url, server):
+        rank: dict[socket.socket, int] = {}
+        for kind, opened in ((2, trickle), (1, served_on), (0, lambda url: connect(url, timeout=30))):
+            for _ in range(2):
+                sock = opened(url)
+                rank[sock] = kind
+                server_sees(server, list(rank.values()))
+        order = sorted(rank, key=lambda sock: rank[sock])  # the order in which they must go: oldest first
         fillers = []
         for victim in order:
             served_on(url).close()  # a newcomer at the cap is served
-            assert closed_by_the_server(victim)
+            del rank[victim]
+            server_sees(server, list(rank.values()))  # the victim shed, the newcomer's close taken in
+            assert closed_by_the_server(victim, within_s=5)
             later = order[order.index(victim) + 1 :]
             assert not any(closed_by_the_server(sock, within_s=0) for sock in later)
-            fillers.append(trickle(url))  # back at the cap, with one that is newer than every one left
+            filler = trickle(url)  # back at the cap, with one that is newer than every one left
+            fillers.append(filler)
+            rank[filler] = 2
+            server_sees(server, list(rank.values()))
         for sock in order + fillers:
+            sock.close()
+
+
+def test_connections_that_came_within_one_tick_are_shed_oldest_first(tiny_zimage: Path) -> None:
+    """Eight silent connections opened back to back reach the server within one event-loop tick (uvloop's clock
+    has millisecond steps and stands still within a tick): newcomers still shed them in the order they came, before
+    any that came later."""
+    app, settings = text_app(tiny_zimage, max_connections=8, header_timeout_s=20.0)
+    with started_server(app, settings) as (url, server):
+        silent = [connect(url, timeout=30) for _ in range(8)]
+        server_sees(server, [0] * 8)
+        fillers: list[socket.socket] = []
+        for index, victim in enumerate(silent):
+            with connect(url, timeout=30) as newcomer:
+                newcomer.sendall(request_bytes("GET", "/health"))
+                assert read_response(newcomer)[0] == 200
+            assert closed_by_the_server(victim, within_s=5), f"connection {index} was not the one shed"
+            assert not any(closed_by_the_server(sock, within_s=0) for sock in silent[index + 1 :] + fillers)
+            fillers.append(connect(url, timeout=30))  # back at the cap, with one newer than every one left
+            server_sees(server, [0] * 8)
+        for sock in silent + fillers:
             sock.close()
 
 
