@@ -89,8 +89,7 @@ def server_sees(server: EmbedServer, ranks: list[int], within_s: float = 10.0) -
         seen = sorted(
             rank
             for connection in list(server.server_state.connections)
-            if isinstance(connection, LimitedHttpToolsProtocol)
-            and (rank := connection._shedding_rank()) is not None
+            if isinstance(connection, LimitedHttpToolsProtocol) and (rank := connection._shedding_rank()) is not None
         )
         if seen == sorted(ranks):
             return
