@@ -8,6 +8,8 @@ order (the machine may be shared, and its other load changes over minutes):
 
 - the naive baseline (``bench/naive_servers.py texts``: one request, one tokenizer call, one forward pass);
 - ``qwen3_embed.py`` of this checkout, as ``start_all.sh`` runs it (log level info, the access log into a file);
+- the framework's floor (``bench/naive_servers.py floor``: FastAPI and uvicorn with nothing of ours, no model):
+  what any FastAPI text route costs at least, so that the main thread's figure splits into the framework's and ours;
 - with ``--compare DIR``, ``qwen3_embed.py`` of another checkout of this repository (an earlier commit in a git
   worktree: ``git worktree add /tmp/before COMMIT``), run the same way.
 
@@ -33,6 +35,7 @@ from bench.models import bench_model
 
 OUT = ROOT / "bench" / "out"
 BASELINE = "naive baseline"
+FLOOR = "framework floor (no model)"
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def main() -> None:
     commands: dict[str, tuple[list[str], Path]] = {
         BASELINE: (["-m", "bench.naive_servers", "texts", "--model", str(model), "--device", args.device], ROOT),
         "qwen3_embed.py": (ours, ROOT),
+        FLOOR: (["-m", "bench.naive_servers", "floor"], ROOT),
     }
     for checkout in args.compare:
         commands[f"qwen3_embed.py at {checkout}"] = (ours, checkout.resolve())
@@ -102,7 +106,7 @@ def main() -> None:
         for index, (name, (command, cwd)) in enumerate(commands.items()):
             port = free_port()
             log = OUT / f"server-cpu-{index}.log"
-            extra = ["--log-file", str(OUT / f"server-cpu-{index}.service.log")] if name != BASELINE else []
+            extra = ["--log-file", str(OUT / f"server-cpu-{index}.service.log")] if command is ours else []
             servers[name] = stack.enter_context(
                 started_server([*command, "--port", str(port), *extra], port, log, cwd=cwd)
             )
@@ -139,7 +143,10 @@ def main() -> None:
                 f"  {name:<40} {statistics.median(figures):6.3f} ms (rounds {rounds}; main thread {main_thread:.3f}); "
                 f"/ baseline of the same round: {ratios}"
             )
-        for name in names[2:]:
+        floor = statistics.median(m.main_ms for m in results[(load, FLOOR)])
+        ours_main = statistics.median(m.main_ms for m in results[(load, names[1])])
+        print(f"  {names[1]}'s main thread beyond the framework's floor: {ours_main - floor:.3f} ms")
+        for name in names[3:]:
             pairs = list(zip(results[(load, names[1])], results[(load, name)], strict=True))
             ratios = ", ".join(f"{m.cpu_ms / c.cpu_ms:.3f}" for m, c in pairs)
             main_ratios = ", ".join(f"{m.main_ms / c.main_ms:.3f}" for m, c in pairs)

@@ -7,6 +7,11 @@ JSON. Written the way a straightforward FastAPI server would be (sync endpoints 
 
     python -m bench.naive_servers images --model PATH --port 6110
     python -m bench.naive_servers texts --model PATH --port 6111
+
+And the framework's floor, for the request path: ``floor`` is FastAPI on uvicorn with nothing of ours, a pydantic
+body in and a fixed 2560-float vector out through orjson, no model (what any FastAPI text route costs at least).
+
+    python -m bench.naive_servers floor --port 6112
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
 import uvicorn
-from fastapi import FastAPI, File, UploadFile
+from fastapi import FastAPI, File, Response, UploadFile
 from PIL import Image
 from pydantic import BaseModel
 
@@ -81,16 +87,36 @@ def text_app(model_path: str, device: str, dtype: torch.dtype) -> FastAPI:
     return app
 
 
+def floor_app() -> FastAPI:
+    vector = [0.001 * index for index in range(2560)]
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/embed/text")
+    async def embed_text(body: TextRequest) -> Response:
+        return Response(orjson.dumps({"embedding": vector, "dimension": len(vector)}), media_type="application/json")
+
+    return app
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["images", "texts"])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("kind", choices=["images", "texts", "floor"])
+    parser.add_argument("--model", help="the model folder (images, texts)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    build = image_app if args.kind == "images" else text_app
-    uvicorn.run(build(args.model, args.device, dtype), host="127.0.0.1", port=args.port, log_level="warning")
+    if args.kind == "floor":
+        app = floor_app()
+    elif args.model is None:
+        parser.error(f"{args.kind} needs --model")
+    else:
+        app = (image_app if args.kind == "images" else text_app)(args.model, args.device, dtype)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -79,21 +79,26 @@ def served_on(url: str) -> socket.socket:
     return sock
 
 
-def server_sees(server: EmbedServer, ranks: list[int], within_s: float = 10.0) -> None:
-    """Wait until the server's open connections hold no request in these ways (shedding ranks: 0 never sent a
-    byte, 1 idle, 2 still sending headers), the sorted list. A client's bytes and closes reach the server's event
+BUSY = 3  # in server_sees: a connection with a request in progress
+
+
+def server_sees(server: EmbedServer, states: list[int], within_s: float = 10.0) -> None:
+    """Wait until the server's open connections are in these states, in any order: their shedding ranks (0 never
+    sent a byte, 1 idle, 2 still sending headers) or ``BUSY``. A client's bytes and closes reach the server's event
     loop some time later, under load later than any sleep: a newcomer accepted before a trickle's bytes were read
     would rightly shed the trickle, which at that moment had not sent a byte."""
     deadline = time.monotonic() + within_s
     while True:
         seen = sorted(
-            rank
+            BUSY if (rank := connection._shedding_rank()) is None else rank
             for connection in list(server.server_state.connections)
-            if isinstance(connection, LimitedHttpToolsProtocol) and (rank := connection._shedding_rank()) is not None
+            if isinstance(connection, LimitedHttpToolsProtocol)
+            and not connection.transport.is_closing()
+            and not connection._refused
         )
-        if seen == sorted(ranks):
+        if seen == sorted(states):
             return
-        assert time.monotonic() < deadline, f"the server sees {seen}, not {sorted(ranks)}"
+        assert time.monotonic() < deadline, f"the server sees {seen}, not {sorted(states)}"
         time.sleep(0.01)
 
 
@@ -161,13 +166,13 @@ def test_a_connection_with_a_request_in_progress_is_never_shed(
         return run
 
     app, settings = text_app(tiny_zimage, wrap_texts=blocked, max_connections=4, max_batch_size=1)
-    with caplog.at_level(logging.WARNING), server_thread(app, settings) as url:
+    with caplog.at_level(logging.WARNING), started_server(app, settings) as (url, server):
         busy = [connect(url, timeout=30) for _ in range(4)]
         for index, sock in enumerate(busy):
             sock.sendall(
                 request_bytes("POST", "/embed/text", b'{"text": "t%d"}' % index, {"Content-Type": "application/json"})
             )
-        time.sleep(0.3)
+        server_sees(server, [BUSY] * 4)
         for _ in range(5):
             with connect(url) as refused:
                 status, headers, body = read_response(refused)
