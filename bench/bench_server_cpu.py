@@ -36,6 +36,7 @@ from bench.models import bench_model
 OUT = ROOT / "bench" / "out"
 BASELINE = "naive baseline"
 FLOOR = "framework floor (no model)"
+OURS = "qwen3_embed.py"
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,11 @@ def main() -> None:
     ours = ["qwen3_embed.py", "--model", str(model), "--device", args.device]
     commands: dict[str, tuple[list[str], Path]] = {
         BASELINE: (["-m", "bench.naive_servers", "texts", "--model", str(model), "--device", args.device], ROOT),
-        "qwen3_embed.py": (ours, ROOT),
+        OURS: (ours, ROOT),
         FLOOR: (["-m", "bench.naive_servers", "floor"], ROOT),
     }
-    for checkout in args.compare:
-        commands[f"qwen3_embed.py at {checkout}"] = (ours, checkout.resolve())
+    compared = {f"{OURS} at {checkout}": checkout.resolve() for checkout in args.compare}
+    commands.update({name: (ours, checkout) for name, checkout in compared.items()})
     OUT.mkdir(parents=True, exist_ok=True)
 
     loads = {"concurrent": args.clients, "sequential": 1}
@@ -144,13 +145,13 @@ def main() -> None:
                 f"/ baseline of the same round: {ratios}"
             )
         floor = statistics.median(m.main_ms for m in results[(load, FLOOR)])
-        ours_main = statistics.median(m.main_ms for m in results[(load, names[1])])
-        print(f"  {names[1]}'s main thread beyond the framework's floor: {ours_main - floor:.3f} ms")
-        for name in names[3:]:
-            pairs = list(zip(results[(load, names[1])], results[(load, name)], strict=True))
+        ours_main = statistics.median(m.main_ms for m in results[(load, OURS)])
+        print(f"  {OURS}'s main thread beyond the framework's floor: {ours_main - floor:.3f} ms")
+        for name in compared:
+            pairs = list(zip(results[(load, OURS)], results[(load, name)], strict=True))
             ratios = ", ".join(f"{m.cpu_ms / c.cpu_ms:.3f}" for m, c in pairs)
             main_ratios = ", ".join(f"{m.main_ms / c.main_ms:.3f}" for m, c in pairs)
-            print(f"  {names[1]} / {name}, each round: {ratios} (main thread: {main_ratios})")
+            print(f"  {OURS} / {name}, each round: {ratios} (main thread: {main_ratios})")
 
 
 if __name__ == "__main__":
