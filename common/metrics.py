@@ -54,6 +54,8 @@ class Metrics:
         # The request counter's and latency's children by (route, status): looking a child up by its labels takes a
         # lock and a tuple of strings, on every request. Routes are templates and statuses few, so this stays small.
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        # The batch metrics' children by batcher, for the same reason (a one-text request is a batch of its own).
+        self._batch_children: dict[str, tuple[Counter, Histogram, Histogram, Histogram]] = {}
 
     def observe_request(self, route: str, status: int, seconds: float, error_code: str | None) -> None:
         """One answered request: counted by route and status (and error code, for an error), its latency by route."""
@@ -68,11 +70,21 @@ class Metrics:
             self.errors.labels(route, error_code).inc()
 
     def observe_batch(self, batcher: str, size: int, waits: list[float], seconds: float) -> None:
-        self.items.labels(batcher).inc(size)
-        self.batch_size.labels(batcher).observe(size)
-        self.batch_seconds.labels(batcher).observe(seconds)
+        children = self._batch_children.get(batcher)
+        if children is None:
+            children = (
+                self.items.labels(batcher),
+                self.batch_size.labels(batcher),
+                self.batch_seconds.labels(batcher),
+                self.queue_wait.labels(batcher),
+            )
+            self._batch_children[batcher] = children
+        items, batch_size, batch_seconds, queue_wait = children
+        items.inc(size)
+        batch_size.observe(size)
+        batch_seconds.observe(seconds)
         for wait in waits:
-            self.queue_wait.labels(batcher).observe(wait)
+            queue_wait.observe(wait)
 
     def watch_queue(self, batcher: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(batcher).set_function(depth)

@@ -19,6 +19,7 @@ asleep, answers its waiting requests with 503, and the next request tries again.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -389,6 +390,7 @@ class Residency:
         except BaseException:
             self.weights.release_weights(self.mode)
             raise
+        gc.freeze()  # a reloaded model joins what later collections leave alone (common.memory), as at start-up
 
     @staticmethod
     def _wake_error(exc: Exception) -> EmbedError:

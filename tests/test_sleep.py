@@ -6,8 +6,10 @@ and the indexer wait out), failing wakes (503, the next request tries again), th
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -164,6 +166,37 @@ def test_vectors_after_a_wake_are_the_ones_before(tiny_zimage: Path, mode: str) 
             assert [embed(client, text) for text in MIXED_TEXTS] == before, cycle  # bit for bit
         info = client.get("/info").json()["sleep"]
         assert info["mode"] == mode and info["wakes"] == 3 and info["last_wake_s"] > 0
+
+
+def test_a_model_kept_out_of_collections_is_still_freed_by_an_unload(tiny_zimage: Path) -> None:
+    """The loaded model is frozen out of the garbage collector's passes (they would walk its objects every few
+    hundred requests), yet an unload frees it: a model in a reference cycle (hooks and caches make them) is freed
+    only by a collection that sees its objects again."""
+    models: list[weakref.ref[torch.nn.Module]] = []
+
+    def in_a_cycle(model: torch.nn.Module) -> None:
+        model.__dict__["cycle"] = [model]
+        models.append(weakref.ref(model))
+
+    def keep_a_reference(encoder: Any) -> None:
+        in_a_cycle(encoder.model)
+        restore = encoder.restore_weights
+
+        def restore_and_keep(mode: SleepMode) -> None:
+            restore(mode)
+            in_a_cycle(encoder.model)
+
+        encoder.restore_weights = restore_and_keep
+
+    with serving(text_app(tiny_zimage, keep_a_reference, sleep_mode="unload")) as client:
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000, frozen  # the libraries' and the model's objects, not a handful
+        expected = embed(client, "a")
+        for cycle in range(2):
+            assert client.post("/admin/sleep").json()["state"] == "asleep"
+            assert models[-1]() is None, cycle  # the model that served is gone, though it was frozen
+            assert embed(client, "a") == expected  # woken: a new model, frozen in turn
+            assert gc.get_freeze_count() > 0.5 * frozen, cycle
 
 
 def test_image_vectors_after_a_wake_are_the_ones_before(tiny_siglip: Path) -> None:
