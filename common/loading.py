@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,27 @@ from common.config import ServiceSettings
 from common.precision import DTypeChoice, pick_dtype
 
 logger = logging.getLogger(__name__)
+
+
+# transformers' own default SiglipTextConfig (vocabulary 32000, bos 49406, eos 49407) fails its own token check;
+# it is built whenever a SigLIP config is printed (transformers prints every config it loads, into an f-string, at
+# any log level) or made, so every start of the image service, and every build of a tiny SigLIP (a container's
+# --tiny start), warned that "eos_token_id must be None or an integer within the vocabulary", about a config it never
+# uses: the model's own ids are checked when its config is loaded.
+DEFAULT_SIGLIP_TEXT_IDS = re.compile(
+    r"_token_id must be .* within the vocabulary \(between 0 and 31999\), got 4940[67]\."
+)
+
+
+def not_about_default_siglip_text_config(record: logging.LogRecord) -> bool:
+    return DEFAULT_SIGLIP_TEXT_IDS.search(record.getMessage()) is None
+
+
+def hide_the_default_siglip_text_config_warning() -> None:
+    """Drop that warning from transformers' log (once per process, however often called)."""
+    config_logger = logging.getLogger("transformers.configuration_utils")
+    if not_about_default_siglip_text_config not in config_logger.filters:
+        config_logger.addFilter(not_about_default_siglip_text_config)
 
 
 class ModelNotFound(Exception):

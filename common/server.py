@@ -10,7 +10,6 @@ import logging
 import logging.handlers
 import math
 import os
-import re
 import resource
 import signal
 import socket
@@ -31,7 +30,12 @@ from common.api.middleware import is_loopback
 from common.config import ServiceSettings, SettingsT, load_settings
 from common.contract import EmbeddingModel
 from common.http_protocol import ConnectionLimits, protocol_class
-from common.loading import ModelNotFound, has_random_weights, resolve_model_source
+from common.loading import (
+    ModelNotFound,
+    has_random_weights,
+    hide_the_default_siglip_text_config_warning,
+    resolve_model_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,24 +170,11 @@ def configure_logging(level: str, log_file: str | None = None) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars would fill the log files
-    logging.getLogger("transformers.configuration_utils").addFilter(not_about_default_siglip_text_config)
+    hide_the_default_siglip_text_config_warning()
     if log_file:
         # transformers logs to its own stderr handler; send its warnings to the (rotated) log file instead.
         transformers_logging.disable_default_handler()
         transformers_logging.enable_propagation()
-
-
-# transformers' own default SiglipTextConfig (vocabulary 32000, bos 49406, eos 49407) fails its own token check;
-# it is built whenever a SigLIP config is printed (transformers prints every config it loads, into an f-string, at
-# any log level), so every start of the image service warned that "eos_token_id must be None or an integer within
-# the vocabulary", about a config it never uses: the model's own ids are checked when its config is loaded.
-DEFAULT_SIGLIP_TEXT_IDS = re.compile(
-    r"_token_id must be .* within the vocabulary \(between 0 and 31999\), got 4940[67]\."
-)
-
-
-def not_about_default_siglip_text_config(record: logging.LogRecord) -> bool:
-    return DEFAULT_SIGLIP_TEXT_IDS.search(record.getMessage()) is None
 
 
 class EmbedServer(uvicorn.Server):

@@ -32,7 +32,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from common.loading import mark_random_weights
+from common.loading import hide_the_default_siglip_text_config_warning, mark_random_weights
 
 # The generation-prompt logic of the Qwen3 chat template: with enable_thinking=False it inserts an empty think
 # block, with enable_thinking=True (Z-Image's choice) it does not.
@@ -77,6 +77,7 @@ def gemma_tokenizer() -> GemmaTokenizer:
 
 def build_tiny_siglip(out: Path, image_size: int = 64, seed: int = 0, hidden_size: int = 32) -> Path:
     """A tiny SigLIP checkpoint; ``image_size=512`` gives the real input size with a very light tower."""
+    hide_the_default_siglip_text_config_warning()  # SiglipConfig() builds that default text config first
     torch.manual_seed(seed)
     tokenizer = gemma_tokenizer()
     config = SiglipConfig(

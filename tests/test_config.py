@@ -93,3 +93,15 @@ def test_a_siglip_start_logs_no_warning_about_transformers_default_text_config(t
     )
     assert result.returncode == 0, result.stderr
     assert "within the vocabulary" not in result.stderr
+
+
+def test_building_a_tiny_siglip_logs_no_warning_about_transformers_default_text_config(tmp_path: Path) -> None:
+    """A container's --tiny start builds its tiny SigLIP in a process of its own, before any logging is set up: it
+    printed the same warning twice."""
+    code = "import sys, pathlib, common.tiny_models as t; t.build_tiny_siglip(pathlib.Path(sys.argv[1]))"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "tiny")], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "within the vocabulary" not in result.stderr
