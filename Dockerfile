@@ -25,8 +25,9 @@ RUN set -eu; \
     /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt; \
     if [ "$DEVICE" = cpu ] && /opt/venv/bin/pip list 2>/dev/null | grep -qi '^nvidia-'; then \
       echo "DEVICE=cpu installed CUDA libraries" >&2; exit 1; \
-    fi; \
-    find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
+    fi
+# pip's compiled bytecode stays: the image's user cannot write it, so without it every start compiled torch's and
+# transformers' sources again (imports took 11-13 s in a container here, 4 s with it; the CPU image is 0.24 GB larger).
 
 FROM ${BASE_IMAGE}
 # A fixed non-root user (no useradd: the base may lack it). Models are mounted read-only under /models; hub ids
@@ -50,6 +51,7 @@ COPY common/ common/
 COPY embed_client/ embed_client/
 COPY scripts/__init__.py scripts/container_entrypoint.py scripts/container_health.py scripts/local_http.py scripts/
 COPY siglip2_embed.py qwen3_embed.py ./
+RUN python3 -m compileall -q common embed_client scripts siglip2_embed.py qwen3_embed.py
 USER 10001:10001
 EXPOSE 6010 6011
 # Healthy only while GET /health answers 200; the start period covers a first start that downloads a model.
