@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.tiny:
         logger.warning("%s", tiny_banner("this import runs"))
+    # A caller that is already connected to Ray (a notebook, a driver of its own) keeps its connection: the job
+    # disconnects, or stops its local Ray, only when it made them.
+    callers_ray = ray.is_initialized()
     try:
         summary = run(
             args.source,
@@ -301,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         # Before the summary: nothing Ray forwards from its workers can print after it.
-        ray.shutdown()
+        if not callers_ray:
+            ray.shutdown()
     if args.tiny:
         logger.warning("%s", tiny_banner("this import ran on"))
     sys.stdout.write(summary.json_line() + "\n")

@@ -29,6 +29,8 @@ from cluster.index_images import Summary, main, run
 from cluster.pipeline import read_image_spec
 from cluster.source import Listing, Source, SourceFile, list_images, open_source
 from cluster.store import OutputStore, output_lock
+from common.identity import weights_fingerprint
+from common.tiny_models import build_tiny_siglip
 from embed_client.files import stored_path, too_large_reason
 from embed_client.indexer import OutputLocked, index_schema, locked_output
 from siglip2_embed import EMBEDDING_VERSION, Siglip2Encoder, Siglip2Settings, build_app
@@ -589,3 +591,30 @@ def test_standalone_services_never_import_ray() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_import_records_and_checks_the_weights(ray_cluster: str, tiny_siglip: Path, tmp_path: Path) -> None:
+    """The bulk import's output: the fingerprint in every row; a rerun on the same weights in a renamed folder
+    skips everything; other weights under the same name are refused (one line, exit 1), --reindex replaces them.
+    An output written before fingerprints carries on, and its parts are rewritten with the column. Each run joins
+    the module's Ray, which a run leaves as it found it: connected."""
+    import ray
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        (photos / f"p{index}.png").write_bytes(image_bytes(photo_like(40, 30, seed=index)))
+    out = tmp_path / "out"
+    assert main([str(photos), "--out", str(out), "--model", str(tiny_siglip)]) == 0
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == ray_cluster  # the caller's Ray, kept
+    assert set(pq.read_table(out)["fingerprint"].to_pylist()) == {weights_fingerprint([tiny_siglip])}
+    renamed = shutil.copytree(tiny_siglip, tmp_path / "renamed")
+    assert main([str(photos), "--out", str(out), "--model", str(renamed)]) == 0
+    other = build_tiny_siglip(tmp_path / "elsewhere" / tiny_siglip.name, seed=9)
+    assert main([str(photos), "--out", str(out), "--model", str(other)]) == 1
+    assert main([str(photos), "--out", str(out), "--model", str(other), "--reindex"]) == 0
+    assert set(pq.read_table(out)["fingerprint"].to_pylist()) == {weights_fingerprint([other])}
+    for part in out.glob("part-*.parquet"):  # as an output written before fingerprints
+        pq.write_table(pq.read_table(part).drop_columns(["fingerprint"]), part)
+    assert main([str(photos), "--out", str(out), "--model", str(other)]) == 0
+    assert all("fingerprint" in pq.read_schema(part).names for part in out.glob("part-*.parquet"))

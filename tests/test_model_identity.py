@@ -209,24 +209,3 @@ def test_an_index_from_before_fingerprints_carries_on(tiny_siglip: Path, photos:
     assert (summary.embedded, summary.skipped) == (1, 3)
     fingerprints = dict(zip(*pq.read_table(out, columns=["path", "fingerprint"]).to_pydict().values(), strict=True))
     assert fingerprints["new.png"] == weights_fingerprint([tiny_siglip]) and fingerprints["p0.png"] is None
-
-
-def test_the_import_records_and_checks_the_weights(tiny_siglip: Path, photos: Path, tmp_path: Path) -> None:
-    """The bulk import's output: the fingerprint in every row; a rerun on the same weights in a renamed folder
-    skips everything; other weights under the same name are refused (one line, exit 1), --reindex replaces them.
-    An output written before fingerprints carries on, and its parts are rewritten with the column."""
-    from cluster.index_images import main as import_main
-
-    out = tmp_path / "out"
-    assert import_main([str(photos), "--out", str(out), "--model", str(tiny_siglip)]) == 0
-    assert set(pq.read_table(out)["fingerprint"].to_pylist()) == {weights_fingerprint([tiny_siglip])}
-    renamed = shutil.copytree(tiny_siglip, tmp_path / "renamed")
-    assert import_main([str(photos), "--out", str(out), "--model", str(renamed)]) == 0
-    other = build_tiny_siglip(tmp_path / "elsewhere" / tiny_siglip.name, seed=9)
-    assert import_main([str(photos), "--out", str(out), "--model", str(other)]) == 1
-    assert import_main([str(photos), "--out", str(out), "--model", str(other), "--reindex"]) == 0
-    assert set(pq.read_table(out)["fingerprint"].to_pylist()) == {weights_fingerprint([other])}
-    for part in out.glob("part-*.parquet"):  # as an output written before fingerprints
-        pq.write_table(pq.read_table(part).drop_columns(["fingerprint"]), part)
-    assert import_main([str(photos), "--out", str(out), "--model", str(other)]) == 0
-    assert all("fingerprint" in pq.read_schema(part).names for part in out.glob("part-*.parquet"))
