@@ -186,8 +186,8 @@ def test_a_front_door_whose_models_cannot_load_stops_with_the_replicas_message(
     assert "a replica cannot start, and trying again would fail the same way: Model not found: '" in text, text[-3000:]
     assert "is not a local folder. Download it first" in text
     assert "--tiny tries the commands on tiny random-weight models" in text
-    assert "stopping Serve" in text
-    assert took < 200, took  # measured: 71-88 s on the shared 2-core machine, 20-30 s of it for Serve to stop
+    assert "stopping Serve with the front door's own Ray" in text  # not Serve's graceful shutdown: 20-30 s more
+    assert took < 200, took  # measured: 28-30 s on an idle 2-core machine (40 s while it waited for Serve to stop)
 
 
 @pytest.mark.slow

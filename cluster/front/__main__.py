@@ -103,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    join_ray(args.address or os.environ.get("RAY_ADDRESS"))
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    join_ray(address)
     try:
         if not args.front_door_only and not args.no_resource_check:
             problem = missing_resources(resource_asks(config), ray.cluster_resources(), str(args.config))
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("%s", exc)
             return 1
         try:
-            return serve_until_stopped(args, config, apps, sock, host, port)
+            return serve_until_stopped(args, config, apps, sock, host, port, own_ray=not address)
         finally:
             sock.close()
     finally:
@@ -135,10 +136,16 @@ def join_ray(address: str | None) -> None:
 
 
 def serve_until_stopped(
-    args: argparse.Namespace, config: dict[str, Any], apps: list[FrontedApp], sock: socket.socket, host: str, port: int
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    apps: list[FrontedApp],
+    sock: socket.socket,
+    host: str,
+    port: int,
+    own_ray: bool,
 ) -> int:
     """Deploy (unless --front-door-only), serve on ``sock`` until a stop signal or a replica that cannot start,
-    then shut Serve down; the exit code."""
+    then shut Serve down; the exit code. ``own_ray``: the Ray is the front door's own (it ends with it)."""
     from ray import serve
 
     serve_port = args.serve_port or port + 1
@@ -181,7 +188,11 @@ def serve_until_stopped(
         finally:
             watch.stop()
     finally:
-        if not args.front_door_only:
+        if failed and own_ray:
+            # Nothing was served, and the Ray ends with this process, Serve in it: its graceful shutdown would only
+            # wait 20-30 s for replicas that keep failing.
+            logger.info("stopping Serve with the front door's own Ray")
+        elif not args.front_door_only:
             logger.info("stopping Serve")
             serve.shutdown()
     return 1 if failed else 0
