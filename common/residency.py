@@ -390,7 +390,9 @@ class Residency:
         except BaseException:
             self.weights.release_weights(self.mode)
             raise
-        gc.freeze()  # a reloaded model joins what later collections leave alone (common.memory), as at start-up
+        # A reloaded model joins what later collections leave alone, as at start-up (common.memory); without a
+        # collection first, which would lengthen the wake: what the wake left is collected at the next sleep.
+        gc.freeze()
 
     @staticmethod
     def _wake_error(exc: Exception) -> EmbedError:

@@ -31,7 +31,7 @@ from common.config import Modality, ServiceSettings
 from common.contract import EmbeddingModel, ImageModel, ModelInfo
 from common.errors import NotReady, UnsupportedInput, install_error_handlers
 from common.loading import WrongModel
-from common.memory import collect_and_release
+from common.memory import keep_out_of_collections
 from common.metrics import Metrics
 from common.residency import SleepInfo
 from common.residency import State as ResidencyState
@@ -83,9 +83,8 @@ class Runtime:
         started = time.perf_counter()
         try:
             model = await asyncio.to_thread(self._load)
-            # The loading's garbage back to the system, what stays out of later collections; before the runtime
-            # starts, whose idle timer runs from then.
-            collect_and_release()
+            # Before the runtime starts, whose idle timer runs from then.
+            keep_out_of_collections()
             for batcher in model.runtime.batchers:
                 batcher.observer = self.metrics.observe_batch
                 self.metrics.watch_queue(batcher.name, lambda b=batcher: b.queue_depth)  # type: ignore[misc]
