@@ -41,8 +41,8 @@ def keep_out_of_collections() -> None:
     """Collect what is not frozen yet, then freeze what survives: once a model is loaded, the long-lived part of the
     process (the libraries, the model, the tokenizer: about 400,000 objects for the text service) stays out of the
     garbage collector's later passes. Every full collection walks all of it, on the event loop; frozen, the request
-    path took 10-20 % less CPU (bench/RESULTS.md). Objects frozen earlier are not walked again (``gc.collect`` skips
-    them), so this costs only what is new."""
+    path took a tenth or more less CPU (bench/RESULTS.md). Objects frozen earlier are not walked again
+    (``gc.collect`` skips them), so this costs only what is new."""
     gc.collect()
     gc.freeze()
 
